@@ -1,0 +1,95 @@
+"""Profiles: how much data, how many steps and seeds, and which learning rates each method is tried with.
+
+- "full": the protocol's settings (the headline numbers; meant for a GPU machine). Learning rates are swept on the
+  validation split with the first seed; the pick is then run with every seed on the test split.
+- "quick": one seed, small subsets, one epoch, a fixed learning rate per method ("not swept"); finishes in minutes on
+  2 CPU cores. Proves the pipeline end to end; its numbers are not comparisons.
+- "smoke": tiny random models and random data (no assets), a few steps: for the test suite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Learning-rate grids of the full profile's sweep, per method family (classification / language modelling).
+_BLOCK_METHODS = ("mftc", "random_blocks", "top_energy", "mftc_no_search", "mftc_no_cluster", "mftc_spectral")
+_LOW_RANK_METHODS = ("lora", "adalora", "pissa", "shira", "adamss")
+CLS_LR_GRID = {
+    **{m: (5e-4, 1e-3, 2e-3, 5e-3) for m in _BLOCK_METHODS + _LOW_RANK_METHODS},
+    "full": (2e-5, 5e-5, 1e-4, 2e-4),
+    "bias": (1e-3, 3e-3, 1e-2),
+}
+LM_LR_GRID = {
+    **{m: (1e-4, 3e-4, 1e-3, 3e-3) for m in _BLOCK_METHODS + _LOW_RANK_METHODS},
+    "full": (1e-5, 3e-5, 1e-4),
+    "bias": (1e-3, 3e-3, 1e-2),
+}
+# Quick profile: one fixed learning rate per method (from the protocol's reference measurements where there is one).
+QUICK_LR = {
+    **{m: 2e-3 for m in _BLOCK_METHODS + ("lora", "adalora", "shira", "adamss")},
+    "pissa": 1e-3, "full": 2e-4, "bias": 1e-2,
+}
+
+ALL_METHODS = (
+    "mftc", "lora", "adalora", "pissa", "shira", "adamss", "full", "bias",
+    "random_blocks", "top_energy", "mftc_no_search", "mftc_no_cluster", "mftc_spectral",
+)
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    n_train: int | None  # examples (cls) or chunks (lm) for training, validation split included (None: all)
+    n_val: int  # carved from the training examples, used by the learning-rate sweep only
+    n_test: int | None  # None: every test example / chunk
+    batch_size: int
+    epochs: int | None = None  # steps = epochs x batches per epoch ...
+    steps: int | None = None  # ... or a fixed number of steps (data cycled in fresh seeded orders)
+    max_length: int = 64  # tokens per snippet (cls) or per chunk (lm)
+    warmup_steps: int = 16  # MFTC warm-up micro-batches (for MFTC and every ablation that measures gradients)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    seeds: int
+    sweep: bool
+    methods: tuple[str, ...]
+    tasks: tuple[str, ...]
+    settings: dict[str, TaskSettings] = field(default_factory=dict)
+    tiny_models: bool = False  # random tiny models and data (smoke)
+
+    def lr_grid(self, task: str, method: str) -> tuple[float, ...]:
+        if not self.sweep:
+            return (QUICK_LR[method],)
+        return (CLS_LR_GRID if task == "cls" else LM_LR_GRID)[method]
+
+
+PROFILES = {
+    "full": Profile(
+        name="full", seeds=3, sweep=True, methods=ALL_METHODS, tasks=("cls", "lm"),
+        settings={
+            # Protocol: 2,000 train (250 of them held out as the validation split) / 1,000 test, 3 epochs.
+            "cls": TaskSettings(n_train=2000, n_val=250, n_test=1000, batch_size=32, epochs=3, max_length=64),
+            # Hamlet: acts I-IV cut into 336 chunks of 128 tokens, 30 held out for the sweep (306 train); act V
+            # (77 chunks, 9,856 tokens) is the test text. 120 steps of batch 8 = about 3.1 passes over the chunks.
+            "lm": TaskSettings(n_train=None, n_val=30, n_test=None, batch_size=8, steps=120, max_length=128),
+        },
+    ),
+    "quick": Profile(
+        name="quick", seeds=1, sweep=False, methods=("mftc", "lora", "random_blocks", "top_energy", "bias"),
+        tasks=("cls",),
+        settings={
+            "cls": TaskSettings(n_train=512, n_val=64, n_test=256, batch_size=32, epochs=1, max_length=64,
+                                warmup_steps=8),
+            "lm": TaskSettings(n_train=64, n_val=8, n_test=16, batch_size=8, steps=6, max_length=128, warmup_steps=4),
+        },
+    ),
+    "smoke": Profile(
+        name="smoke", seeds=1, sweep=False, methods=ALL_METHODS, tasks=("cls",), tiny_models=True,
+        settings={
+            "cls": TaskSettings(n_train=48, n_val=16, n_test=16, batch_size=8, steps=3, max_length=16,
+                                warmup_steps=4),
+            "lm": TaskSettings(n_train=24, n_val=8, n_test=8, batch_size=4, steps=3, max_length=16, warmup_steps=4),
+        },
+    ),
+}

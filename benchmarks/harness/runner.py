@@ -1,0 +1,80 @@
+"""One run: build a method on a fresh base model, warm up if it needs to, train, evaluate, measure; one record.
+
+`run_one(spec)` is what `benchmarks/run.py` executes in a fresh subprocess per run, so that the peak resident memory
+(`ru_maxrss`, a per-process high-water mark) belongs to that run alone.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from datetime import datetime, timezone
+
+import torch
+
+from mftc_peft.training_utils import iterate_batches
+
+from .measures import adapter_bytes, device_name, peak_memory, trainable_counts, versions
+from .methods import Context, Skip, build
+from .profiles import PROFILES
+from .tasks import make_task
+from .training import train
+
+WARMUP_SEED_OFFSET = 10_000  # warm-up batches: their own seeded stream, the same for MFTC and every ablation
+
+
+def run_one(spec: dict) -> dict:
+    """`spec`: profile, phase ('sweep' | 'test'), task, method, seed, lr, lr_swept, device, lora_budget,
+    match_budget, budget_source. Returns the JSON record (status 'ok', 'skipped' or 'failed')."""
+    profile = PROFILES[spec["profile"]]
+    settings = profile.settings[spec["task"]]
+    task = make_task(spec["task"], settings, tiny=profile.tiny_models)
+    device = torch.device(spec["device"])
+    if profile.tiny_models:
+        torch.set_num_threads(1)  # tiny matrices: extra threads only contend with the rest of the machine
+    record = dict(spec, batch_size=settings.batch_size, max_length=settings.max_length, metric=task.metric,
+                  date=datetime.now(timezone.utc).isoformat(timespec="seconds"), device_name=device_name(device),
+                  versions=versions(), tiny_models=profile.tiny_models)
+    try:
+        return record | _run(spec, task, device)
+    except Skip as skip:
+        return record | {"status": "skipped", "reason": str(skip)}
+    except Exception as error:  # recorded, so that one broken method does not stop a long profile
+        return record | {"status": "failed", "reason": f"{type(error).__name__}: {error}",
+                         "traceback": traceback.format_exc(limit=8)}
+
+
+def _run(spec: dict, task, device: torch.device) -> dict:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seed, bs = spec["seed"], task.settings.batch_size
+    splits = task.splits()
+    steps = task.steps()
+    ctx = Context(
+        task=task, seed=seed, steps=steps, device=device, lora_budget=spec["lora_budget"],
+        match_budget=spec["match_budget"],
+        warmup_batches=lambda: iterate_batches(splits.train, bs, seed=WARMUP_SEED_OFFSET + seed, epochs=None),
+    )
+    built = build(spec["method"], task.load_model(seed), ctx)
+    total, no_head = trainable_counts(built.model, task.is_head)
+    torch.manual_seed(seed)  # dropout masks: the same stream for every method of a seed
+    result = train(built.model, iterate_batches(splits.train, bs, seed=seed, epochs=None), lr=spec["lr"],
+                   steps=steps, hooks=built.hooks, device=device)
+    split = "val" if spec["phase"] == "sweep" else "test"
+    start = time.perf_counter()
+    metrics = task.evaluate(built.model, getattr(splits, split), device)
+    eval_seconds = time.perf_counter() - start
+    info = dict(built.info)
+    finalize = info.pop("finalize", None)
+    size, size_kind = adapter_bytes(built.model, is_peft=built.is_peft)
+    return {
+        "status": "ok", "steps": steps, "eval_split": split, "n_train": len(splits.train["input_ids"]),
+        "n_eval": len(getattr(splits, split)["input_ids"]),
+        **{f"{split}_{k}": v for k, v in metrics.items()},
+        "trainable_params": total, "trainable_params_no_head": no_head,
+        "setup_seconds": built.setup_seconds, "warmup_seconds": built.warmup_seconds, "train_seconds": result.seconds,
+        "wall_seconds": built.setup_seconds + built.warmup_seconds + result.seconds, "eval_seconds": eval_seconds,
+        "first_loss": result.losses[0], "last_loss": result.losses[-1],
+        "adapter_bytes": size, "adapter_file": size_kind, **peak_memory(device),
+        "threads": torch.get_num_threads(), **info, **(finalize() if finalize else {}),
+    }

@@ -1,0 +1,126 @@
+"""Block selections of the ablations, on the same block grid and warm-up batches as MFTC.
+
+The gradient measurement is MFTC's own (`mftc_peft.warmup`'s private `_measure`: the same signature collector, DSCA
+and seeds on the same micro-batches), so the ablations differ from MFTC only in the stage they remove:
+
+- `random_selection`: random blocks (seeded), no gradients at all.
+- `top_energy_selection`: the blocks with the largest accumulated squared gradient (a Fisher-style ranking), no
+  clustering, no search.
+- `no_search_selection`: DSCA's modules, taken whole in order of mean block energy (blocks inside a module by energy)
+  until the budget is filled: clustering without the search.
+- `no_cluster_selection`: MFTC's search (taylor probe, constrained selection) over a library without DSCA: for every
+  transformer layer the group of all its blocks and one group per target weight, each offered by the search space at
+  its usual energy truncations.
+
+Every selection fills at most `budget` elements (greedily; never more).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from mftc_peft.probes import gradient_projections, preserved_state, taylor_probe
+from mftc_peft.search import BlockTable, build_search_space, models_from_probes, select_candidates
+from mftc_peft.warmup import _block_table, _measure, _split_batches, default_loss, stage_seeds
+
+
+@dataclass
+class Measurement:
+    table: BlockTable  # one row per block, energy = accumulated squared gradient over the warm-up
+    projections: np.ndarray  # (T, blocks): the taylor probe's input
+    library: list[list[int]]  # DSCA modules as rows of `table`
+    seconds: float  # the whole measurement (signatures + DSCA)
+    dsca_seconds: float  # of which DSCA (ablations without clustering leave it out of their warm-up time)
+
+
+def measure(peft_model, batches) -> Measurement:
+    """MFTC's warm-up measurement (signatures + DSCA) on `batches`; the model is left as it was."""
+    start = time.perf_counter()
+    tuner = peft_model.base_model
+    adapter = tuner.active_adapters[0]
+    config = tuner.peft_config[adapter]
+    layers = dict(tuner.mftc_layers(adapter))
+    grids = {name: layer.mftc_grid[adapter] for name, layer in layers.items()}
+    device = next(peft_model.parameters()).device
+    timings: dict[str, float] = {}
+    with preserved_state(peft_model, adapter_name=adapter):
+        train_batches, _ = _split_batches(batches, None, config, device)
+        collector, dsca = _measure(
+            peft_model, layers, grids, config, stage_seeds(config.seed), train_batches, default_loss, False, timings
+        )
+    table = _block_table(grids, [tuple(n) for n in collector.nodes], collector.block_energy())
+    return Measurement(
+        table=table, projections=gradient_projections(collector.history()),
+        library=[module.nodes.tolist() for module in dsca.modules_],
+        seconds=time.perf_counter() - start, dsca_seconds=timings.get("dsca", 0.0),
+    )
+
+
+def _fill(table: BlockTable, rows, budget: int) -> dict[str, list[int]]:
+    """Take the blocks of `rows` in order, skipping any that would exceed `budget`."""
+    selection: dict[str, list[int]] = {}
+    used = 0
+    for r in rows:
+        size = int(table.sizes[r])
+        if used + size <= budget:
+            selection.setdefault(table.module_names[r], []).append(int(table.block_ids[r]))
+            used += size
+    return {name: sorted(ids) for name, ids in selection.items()}
+
+
+def grid_table(grids: dict) -> BlockTable:
+    """A block table of `grids` with zero energy (for selections that need no gradients)."""
+    names, ids, sizes = [], [], []
+    for name, grid in grids.items():
+        for block, size in enumerate(grid.block_numels()):
+            names.append(name), ids.append(block), sizes.append(size)
+    return BlockTable(module_names=tuple(names), block_ids=np.array(ids, dtype=np.int64),
+                      sizes=np.array(sizes, dtype=np.int64), energy=np.zeros(len(names)))
+
+
+def random_selection(grids: dict, budget: int, seed: int) -> dict[str, list[int]]:
+    table = grid_table(grids)
+    return _fill(table, np.random.default_rng(seed).permutation(len(table)), budget)
+
+
+def top_energy_selection(measurement: Measurement, budget: int) -> dict[str, list[int]]:
+    table = measurement.table
+    return _fill(table, np.argsort(-table.energy, kind="stable"), budget)
+
+
+def no_search_selection(measurement: Measurement, budget: int) -> dict[str, list[int]]:
+    table = measurement.table
+    modules = [np.asarray(rows, dtype=np.int64) for rows in measurement.library if len(rows)]
+    modules.sort(key=lambda rows: -float(table.energy[rows].mean()))  # stable: ties keep DSCA's order
+    rows = [int(r) for m in modules for r in m[np.argsort(-table.energy[m], kind="stable")]]
+    return _fill(table, rows, budget)
+
+
+def layer_and_weight_library(table: BlockTable) -> list[list[int]]:
+    """Per transformer layer: all its blocks, and the blocks of each of its target weights."""
+    library = []
+    names = np.array(table.module_names)
+    for layer in sorted(set(table.layers.tolist())):
+        in_layer = np.flatnonzero(table.layers == layer)
+        library.append(in_layer.tolist())
+        for name in dict.fromkeys(names[in_layer]):
+            library.append(in_layer[names[in_layer] == name].tolist())
+    return library
+
+
+def no_cluster_selection(measurement: Measurement, budget: int, config) -> dict[str, list[int]]:
+    table = measurement.table
+    space = build_search_space(
+        layer_and_weight_library(table), table, grouping=config.node_grouping, max_candidates=config.max_candidates,
+        budget=budget,
+    )
+    results = taylor_probe(space, measurement.projections, lr=1.0)
+    gain, _ = models_from_probes(results, space.n_candidates_per_node, base_accuracy=0.0, base_loss=0.0)
+    chosen = select_candidates(
+        gain.deltas, space.sizes(), budget=budget, spread=gain.spread, confidence=config.confidence,
+        method=config.search_method,
+    ).chosen
+    return space.selection(chosen)

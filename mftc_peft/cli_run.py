@@ -1,0 +1,163 @@
+"""The job behind `mftc-peft finetune`: load a sequence classifier, wrap it in an adapter, warm up (MFTC), train,
+evaluate. Writes nothing: the caller decides where the adapter, report and metrics go.
+
+Training is AdamW with a linear decay to 0 over all steps, batches in an order drawn from the run's seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .cli_data import TaskData
+from .cli_methods import Adapter, build_adapter, count_parameters
+from .training_utils import encode_texts, evaluate, iterate_batches, make_batches, n_examples
+
+logger = logging.getLogger(__name__)
+
+
+class ModelError(ValueError):
+    """`--model` does not name a usable transformers folder (one-line message)."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    model_dir: Path
+    method: str
+    lr: float
+    epochs: int
+    seed: int
+    batch_size: int = 32
+    max_length: int = 64
+    budget: Optional[float] = None
+    warmup_steps: Optional[int] = None
+    progress: bool = True
+
+
+@dataclass
+class RunResult:
+    peft_model: object
+    metrics: dict
+    report: object = None  # WarmupReport (MFTC only)
+    history: list = field(default_factory=list)
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """Fail fast, before any data is tokenised, when `model_dir` is not a transformers model folder."""
+    from transformers import AutoConfig
+
+    if not model_dir.is_dir():
+        raise ModelError(f"--model {model_dir}: no such folder")
+    if not (model_dir / "config.json").is_file():
+        raise ModelError(f"--model {model_dir}: not a transformers model folder (no config.json)")
+    try:
+        AutoConfig.from_pretrained(model_dir)
+    except Exception as error:  # transformers raises many types here; the user needs only the reason
+        raise ModelError(f"--model {model_dir}: not a transformers model folder ({_first_line(error)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def load_model(model_dir: Path, num_labels: int):
+    """(model, tokenizer); a tokenizer without a pad token pads with its end-of-sequence token."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, num_labels=num_labels, ignore_mismatched_sizes=True
+        )
+    except Exception as error:  # as above: missing weights, unknown architecture, no tokenizer files
+        raise ModelError(f"--model {model_dir}: cannot load a sequence classifier ({_first_line(error)})") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def finetune(data: TaskData, settings: RunSettings) -> RunResult:
+    """Train an adapter of `settings.method` on `data.train`; metrics on `data.test` (and per epoch on validation)."""
+    # The command line is the application: it seeds torch for the new head's initialisation, inside fork_rng so
+    # that a caller's global RNG state (e.g. a test process calling `main`) is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        return _finetune(data, settings)
+
+
+def _finetune(data: TaskData, settings: RunSettings) -> RunResult:
+    start = time.perf_counter()
+    model, tokenizer = load_model(settings.model_dir, data.num_labels)
+    encode = lambda split: encode_texts(tokenizer, split.texts, split.labels, max_length=settings.max_length)  # noqa
+    train, test = encode(data.train), encode(data.test)
+    validation = encode(data.validation) if data.validation is not None and len(data.validation) else None
+    steps_per_epoch = math.ceil(n_examples(train) / settings.batch_size)
+    total_steps = settings.epochs * steps_per_epoch
+    adapter = build_adapter(
+        model, settings.method, task_type="SEQ_CLS", total_steps=total_steps, seed=settings.seed,
+        budget=settings.budget, warmup_steps=settings.warmup_steps,
+    )
+    report, warmup_seconds = None, 0.0
+    if settings.method == "mftc":
+        from .warmup import warmup
+
+        # The warm-up reads its own pass of seeded batches (a different order from training's first epoch).
+        batches = iterate_batches(train, settings.batch_size, seed=settings.seed + 1, epochs=None)
+        report = warmup(adapter.model, batches, progress=settings.progress)
+        warmup_seconds = report.timings.get("total", 0.0)
+    history, losses, train_seconds = _train(adapter, train, validation, settings, steps_per_epoch)
+    test_loss, test_accuracy = evaluate(adapter.model, make_batches(test, settings.batch_size))
+    metrics = {
+        "method": settings.method, "test_accuracy": test_accuracy, "test_loss": test_loss,
+        **count_parameters(adapter.model),
+        "train_examples": n_examples(train), "test_examples": n_examples(test), "num_labels": data.num_labels,
+        "steps": total_steps, "epochs": settings.epochs, "lr": settings.lr, "seed": settings.seed,
+        "final_train_loss": losses[-1] if losses else None,
+        "train_seconds": train_seconds, "warmup_seconds": warmup_seconds,
+        "total_seconds": time.perf_counter() - start, "validation": history,
+    }
+    return RunResult(adapter.model, metrics, report, history)
+
+
+def _train(adapter: Adapter, train, validation, settings: RunSettings, steps_per_epoch: int):
+    """AdamW + linear decay; returns (per-epoch validation records, step losses, seconds spent training)."""
+    model = adapter.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    total = settings.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: max(0.0, 1.0 - k / total))
+    batches = iterate_batches(train, settings.batch_size, seed=settings.seed, epochs=settings.epochs)
+    history, losses, seconds = [], [], 0.0
+    bar = tqdm(total=total, desc=f"train ({settings.method})", disable=not settings.progress)
+    with contextlib.closing(bar):
+        for epoch in range(1, settings.epochs + 1):
+            model.train()
+            tic = time.perf_counter()
+            for _ in range(steps_per_epoch):
+                loss = model(**next(batches)).loss
+                loss.backward()
+                optimizer.step()
+                if adapter.after_step is not None:
+                    adapter.after_step(len(losses))  # AdaLoRA: after the step, while gradients are still there
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                losses.append(float(loss.detach()))
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}")
+            seconds += time.perf_counter() - tic
+            if validation is not None:
+                val_loss, val_accuracy = evaluate(model, make_batches(validation, settings.batch_size))
+                history.append({"epoch": epoch, "loss": val_loss, "accuracy": val_accuracy})
+                logger.info("epoch %d: validation accuracy %.4f, loss %.4f", epoch, val_accuracy, val_loss)
+    return history, losses, seconds

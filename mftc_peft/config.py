@@ -1,0 +1,267 @@
+"""`MFTCConfig`: the fields of an MFTC adapter, with help metadata, and their validation. Nothing else lives here."""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+from .registry import MFTC_NAME, _add_peft_type_member
+
+BLOCK_AXES = ("auto", "in", "out")
+BIAS_OPTIONS = ("none", "all", "mftc_only")
+SIGNATURE_KINDS = ("energy", "sketch")
+SIMILARITIES = ("cosine", "gaussian")
+PROBES = ("taylor", "finetune", "regression")
+SEARCH_METHODS = ("exact", "greedy", "auto")
+NODE_GROUPINGS = ("layer", "module")
+
+
+@dataclass
+class MFTCConfig(PeftConfig):
+    """Configuration of an MFTC adapter: which weights are cut into blocks, how, and which blocks are trained.
+
+    With an explicit `block_selection` the adapter is ready at once; otherwise `mftc_peft.warmup` computes the
+    selection from the task's gradients and records it here, so a saved adapter reloads without a warm-up.
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Module names (suffix match) or a regex of the weights to cut into blocks. None uses the "
+            "architecture defaults (all attention and FFN projections of BERT-family encoders, GPT-2 and "
+            "Llama-family decoders)."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex to leave out of `target_modules`."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt these layer indices (as for LoRA)."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list that `layers_to_transform` indexes (as for LoRA)."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Modules trained in full and saved with the adapter, e.g. a new classification head."},
+    )
+    block_size: int = field(
+        default=32,
+        metadata={"help": "Width of a block (rows or columns) for weights not cut per attention head (16-32 typical)."},
+    )
+    head_blocks: bool = field(
+        default=True,
+        metadata={"help": "Cut attention projections per head (width = head dimension) instead of `block_size`."},
+    )
+    block_axis: str = field(
+        default="auto",
+        metadata={
+            "help": "'in' (columns), 'out' (rows) or 'auto': producers of heads/neurons (q, k, v, FFN up/gate) are cut "
+            "along 'out', their consumers (attention output, FFN down) along 'in', so head h has one id in both."
+        },
+    )
+    block_selection: dict[str, list[int]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Base-model module name (or a suffix/regex matched like LoRA's `rank_pattern`) -> block ids to "
+            "train. Filled in by the warm-up; modules that are not listed train no block."
+        },
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "True: zero deltas, so a fresh adapter is a no-op. False: small random deltas (for tests)."},
+    )
+    bias: str = field(
+        default="none", metadata={"help": "Which biases to train: 'none', 'all' or 'mftc_only' (targets' biases)."}
+    )
+    seed: int = field(
+        default=0, metadata={"help": "The one seed from which every random choice of MFTC is derived."}
+    )
+    # ----- warm-up: what is measured -----
+    budget: Union[float, int] = field(
+        default=0.03,
+        metadata={
+            "help": "Trainable elements the warm-up may select: a float in (0, 1] is a share of all target-weight "
+            "elements, an int a count (e.g. a LoRA run's trainable parameters, for a matched comparison)."
+        },
+    )
+    warmup_steps: int = field(
+        default=12, metadata={"help": "Micro-batches (forward + backward, no optimiser step) the warm-up measures."}
+    )
+    dsca_every: int = field(
+        default=4, metadata={"help": "Update the clustering after every this many warm-up micro-batches."}
+    )
+    signature_kind: str = field(
+        default="energy",
+        metadata={
+            "help": "Per-block gradient signature that DSCA clusters: 'energy' (gradient energy over the last "
+            "`signature_window` micro-batches; shape-agnostic) or 'sketch' (a random sketch of the raw gradient)."
+        },
+    )
+    signature_window: int = field(
+        default=8, metadata={"help": "Micro-batches an 'energy' signature spans (its length T)."}
+    )
+    # ----- warm-up: dynamic spectral clustering (DSCA) -----
+    n_clusters: int = field(default=12, metadata={"help": "DSCA: number of modules k the blocks are clustered into."})
+    embed_dim: int = field(default=16, metadata={"help": "DSCA: Laplacian eigenvectors r used as the embedding."})
+    ema_decay: float = field(
+        default=0.9, metadata={"help": "DSCA: alpha in W(t) = alpha W(t-1) + (1 - alpha) S(t), in [0, 1)."}
+    )
+    similarity: str = field(default="cosine", metadata={"help": "DSCA: 'cosine' or 'gaussian' block similarity."})
+    n_neighbors: Optional[int] = field(
+        default=None, metadata={"help": "DSCA: neighbours per block in the graph; None derives O(log m) of them."}
+    )
+    reset_every: int = field(
+        default=10, metadata={"help": "DSCA: recompute the eigenvectors from scratch every this many updates."}
+    )
+    min_module_size: int = field(
+        default=2, metadata={"help": "DSCA: modules with fewer blocks are merged into their nearest neighbour."}
+    )
+    max_module_size: Optional[int] = field(
+        default=None, metadata={"help": "DSCA: modules with more blocks are split in two (None: no bound)."}
+    )
+    # ----- warm-up: module search -----
+    node_grouping: Union[str, int] = field(
+        default="layer",
+        metadata={
+            "help": "Search nodes: 'layer' (one per transformer layer), 'module' (one per target weight) or an int "
+            "k (k consecutive layers per node). Each node trains at most one candidate module."
+        },
+    )
+    max_candidates: int = field(
+        default=8, metadata={"help": "Candidate modules per node (besides 'none'), ranked by gradient energy."}
+    )
+    probe: str = field(
+        default="taylor",
+        metadata={
+            "help": "How candidates are valued: 'taylor' (first-order, from warm-up gradients, no extra passes), "
+            "'finetune' (train head + candidate for `probe_steps`) or 'regression' (random architectures jointly)."
+        },
+    )
+    probe_steps: int = field(default=4, metadata={"help": "Training steps per 'finetune'/'regression' probe."})
+    probe_repeats: int = field(default=2, metadata={"help": "Repeats per probe, for the spread sigma."})
+    probe_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the 'finetune'/'regression' probes."})
+    loss_threshold: Optional[float] = field(
+        default=None,
+        metadata={"help": "Upper bound on the predicted sum of loss deltas of the selection (None: off)."},
+    )
+    confidence: float = field(
+        default=0.0, metadata={"help": "Search maximises sum(gain - confidence * spread): a lower-confidence bound."}
+    )
+    search_method: str = field(
+        default="auto", metadata={"help": "'exact' (scipy MILP), 'greedy' (+ swaps), or 'auto' (by problem size)."}
+    )
+    # ----- training: spectral coordination over the block graph (off by default) -----
+    spectral_filter: float = field(
+        default=0.0,
+        metadata={"help": "beta in [0, 1): low-pass filter of same-shape block gradients over the block graph."},
+    )
+    spectral_reg: float = field(
+        default=0.0,
+        metadata={"help": "lambda >= 0: adds lambda * tr(Delta^T L Delta) over the block graph to the loss."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = _add_peft_type_member(MFTC_NAME.upper())
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple)):
+            self.exclude_modules = set(self.exclude_modules)
+        _check_positive_int("block_size", self.block_size)
+        _check_choice("block_axis", self.block_axis, BLOCK_AXES)
+        _check_choice("bias", self.bias, BIAS_OPTIONS)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"`seed` must be an integer, got {self.seed!r}")
+        self.block_selection = _normalise_selection(self.block_selection)
+        _check_budget(self.budget)
+        for name in ("warmup_steps", "dsca_every", "signature_window", "n_clusters", "embed_dim", "max_candidates"):
+            _check_positive_int(name, getattr(self, name))
+        for name in ("probe_steps", "probe_repeats"):
+            _check_positive_int(name, getattr(self, name))
+        for name in ("n_neighbors", "max_module_size"):
+            if getattr(self, name) is not None:
+                _check_positive_int(name, getattr(self, name))
+        _check_positive_int("reset_every", self.reset_every)
+        _check_positive_int("min_module_size", self.min_module_size)
+        _check_choice("signature_kind", self.signature_kind, SIGNATURE_KINDS)
+        _check_choice("similarity", self.similarity, SIMILARITIES)
+        _check_choice("probe", self.probe, PROBES)
+        _check_choice("search_method", self.search_method, SEARCH_METHODS)
+        if not (isinstance(self.node_grouping, str) and self.node_grouping in NODE_GROUPINGS) and not (
+            isinstance(self.node_grouping, int) and not isinstance(self.node_grouping, bool) and self.node_grouping > 0
+        ):
+            raise ValueError(
+                f"`node_grouping` must be one of {NODE_GROUPINGS} or a positive integer, got {self.node_grouping!r}"
+            )
+        _check_range("ema_decay", self.ema_decay, 0.0, 1.0, "in [0, 1)")
+        _check_range("spectral_filter", self.spectral_filter, 0.0, 1.0, "in [0, 1)")
+        _check_range("spectral_reg", self.spectral_reg, 0.0, float("inf"), "a number >= 0")
+        _check_range("confidence", self.confidence, 0.0, float("inf"), "a number >= 0")
+        if not (_is_real(self.probe_lr) and self.probe_lr > 0):
+            raise ValueError(f"`probe_lr` must be a positive number, got {self.probe_lr!r}")
+        if self.loss_threshold is not None and not _is_real(self.loss_threshold):
+            raise ValueError(f"`loss_threshold` must be a number or None, got {self.loss_threshold!r}")
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_range(name: str, value, low: float, high: float, rule: str) -> None:
+    """`low <= value < high` (inf allowed as `high`)."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value < high):
+        raise ValueError(f"`{name}` must be {rule}, got {value!r}")
+
+
+def _check_budget(budget) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(f"`budget` must be a float in (0, 1] or a positive int, got {budget!r}")
+    if isinstance(budget, int) and budget <= 0:
+        raise ValueError(f"`budget` as an int is a count of trainable elements and must be positive, got {budget!r}")
+    if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+        raise ValueError(f"`budget` as a float is a share of the target weights and must be in (0, 1], got {budget!r}")
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+
+
+def _check_choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
+
+
+def _is_integer(value) -> bool:
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _normalise_selection(selection) -> dict[str, list[int]]:
+    """Plain `{str: [int, ...]}` (JSON-safe: no nested sets or tuples), ids non-negative and unique per key."""
+    if selection is None:
+        return {}
+    if not isinstance(selection, dict):
+        raise ValueError(f"`block_selection` must be a dict of module name -> list of block ids, got {selection!r}")
+    normalised = {}
+    for key, ids in selection.items():
+        if not isinstance(key, str):
+            raise ValueError(f"`block_selection` keys must be module names (str), got {key!r}")
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+            raise ValueError(f"`block_selection[{key!r}]` must be a list of block ids, got {ids!r}")
+        ids = list(ids)
+        if any(isinstance(i, bool) or not _is_integer(i) or i < 0 for i in ids):
+            raise ValueError(f"`block_selection[{key!r}]` block ids must be non-negative integers, got {ids!r}")
+        ids = [operator.index(i) for i in ids]  # numpy / torch integers -> int, so the config stays JSON-safe
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"`block_selection[{key!r}]` block ids must be unique, got {ids!r}")
+        normalised[key] = ids
+    return normalised

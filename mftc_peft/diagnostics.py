@@ -1,0 +1,124 @@
+"""`WarmupReport`: what the warm-up measured, clustered, predicted and chose; JSON and plots.
+
+The report is plain data (lists, dicts, floats), so `to_json` needs no custom encoder and a saved report can be
+re-read and re-plotted without the model (`WarmupReport.from_json`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+
+
+class BlockGraph(NamedTuple):
+    nodes: list[tuple[str, int]]
+    affinity: Any  # scipy sparse (m, m)
+
+
+@dataclass
+class WarmupReport:
+    """Everything the warm-up decided, and why.
+
+    Attributes
+    ----------
+    selection : module name -> selected block ids (what the adapter now trains).
+    trainable_elements / budget_elements : selected delta elements and the budget they had to fit.
+    target_elements : elements of all target weights (the denominator of a float budget).
+    nodes : (module name, block id) of every block, in the order of `labels` and the graph.
+    labels : DSCA module label of every block after the last update.
+    modules : the module library (blocks, size, energy, stability per module).
+    candidates : per search node, its candidates with size, predicted gain / loss delta and spread.
+    solver : objective, LP bound, gap, method and status of the constrained selection.
+    fidelity : predictor fidelity (Spearman, MAE, R^2) where it was measured, else None.
+    diagnostics : energy concentration kappa(r), stability (ARI/NMI), subspace drift, eigengap, eigenvalues.
+    timings : seconds per stage ('signatures', 'dsca', 'probe', 'search', 'inject', 'total').
+    selected_blocks : one record per selected block: module, block, layer (-1 if unknown), size, DSCA label.
+    config : the MFTC config fields the warm-up ran with.
+    """
+
+    selection: dict[str, list[int]]
+    trainable_elements: int
+    budget_elements: int
+    target_elements: int
+    nodes: list[list[Any]] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    modules: list[dict] = field(default_factory=list)
+    candidates: list[dict] = field(default_factory=list)
+    solver: dict = field(default_factory=dict)
+    fidelity: dict | None = None
+    diagnostics: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    selected_blocks: list[dict] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+    def attach_graph(self, affinity) -> None:
+        """Keep the block graph (scipy sparse, rows = `nodes`) for spectral coordination; it is not written to JSON."""
+        self._affinity = affinity
+
+    def block_graph(self) -> BlockGraph:
+        affinity = getattr(self, "_affinity", None)
+        if affinity is None:
+            raise ValueError("this report holds no block graph (reports read from JSON do not keep it)")
+        return BlockGraph([tuple(node) for node in self.nodes], affinity)
+
+    def to_dict(self) -> dict:
+        return _finite(asdict(self))
+
+    def to_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "WarmupReport":
+        return cls(**json.loads(Path(path).read_text()))
+
+    def summary(self) -> str:
+        """A few lines for a terminal or a log."""
+        per_layer = self.elements_per_layer()
+        lines = [
+            f"selected {sum(map(len, self.selection.values()))} blocks in {len(self.selection)} weights: "
+            f"{self.trainable_elements:,} trainable elements (budget {self.budget_elements:,}, "
+            f"{100 * self.trainable_elements / max(self.target_elements, 1):.2f}% of the target weights)",
+            "per layer: " + ", ".join(f"{layer}: {count:,}" for layer, count in sorted(per_layer.items())),
+        ]
+        if self.solver:
+            lines.append(
+                f"search: objective {self.solver.get('objective', float('nan')):.4g}, bound "
+                f"{self.solver.get('bound', float('nan')):.4g}, gap {self.solver.get('gap', float('nan')):.3g} "
+                f"({self.solver.get('method')}, {self.solver.get('status')})"
+            )
+        if self.timings:
+            lines.append("warm-up seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.timings.items()))
+        return "\n".join(lines)
+
+    def elements_per_layer(self) -> dict[int, int]:
+        sizes = defaultdict(int)
+        for block in self.selected_blocks:
+            sizes[block["layer"]] += block["size"]
+        return dict(sizes)
+
+    def plot(self, directory: str | Path) -> list[Path]:
+        """Write the module map, Laplacian spectrum, predicted-vs-measured and per-layer plots (needs matplotlib)."""
+        from . import plots
+
+        return plots.plot_report(self, Path(directory))
+
+
+def _finite(value):
+    """JSON-safe: NaN/inf as None, sets as sorted lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted(_finite(v) for v in value)
+    return value

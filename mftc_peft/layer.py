@@ -1,0 +1,256 @@
+"""The MFTC tuner layer: a compact trainable delta for a few blocks of one weight, applied without a dense update.
+
+Per adapter the layer holds one dense tensor with the selected blocks' lines (`mftc_delta`, shape
+(selected rows or columns, length of the other axis)) and their block ids (`mftc_idx`, a persistent int32 buffer).
+The forward adds `x @ delta.T` into the selected output features ("out" blocks) or `x[..., selected columns] @ delta`
+("in" blocks); it never builds a full-size weight, so gradients and optimiser state are as small as the selection.
+"""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from typing import Optional, Sequence
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .blocks import BlockGrid
+
+SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)
+# Scale of the random deltas that `init_weights=False` draws, so that tests can tell an adapter from the base model.
+RANDOM_INIT_STD = 0.02
+
+
+class MFTCLayer(BaseTunerLayer):
+    adapter_layer_names = ("mftc_delta",)
+    other_param_names = ("mftc_idx",)
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.mftc_delta = nn.ParameterDict({})
+        self.mftc_idx = BufferDict({}, persistent=True)
+        self.mftc_grid: dict[str, BlockGrid] = {}
+        # Weight lines an adapter's merge replaced, so that unmerge restores them bit-exactly (not by subtraction).
+        self._mftc_replaced: dict[str, torch.Tensor] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.frozen_peft_weight_names = {}
+        # Whether PEFT asked for each adapter to be trainable; an empty delta is frozen regardless, so its own flag
+        # cannot tell, and a checkpoint that fills it must know.
+        self._mftc_wants_grad: dict[str, bool] = {}
+        base = self.get_base_layer()
+        if not isinstance(base, SUPPORTED_LAYER_TYPES):
+            raise TypeError(
+                f"Target module {base} is not supported by MFTC. Supported module types: "
+                f"{', '.join(t.__module__ + '.' + t.__name__ for t in SUPPORTED_LAYER_TYPES)}."
+            )
+        self.in_features, self.out_features = _get_in_out_features(base)
+        # transformers' Conv1D stores its weight as (in, out): the transpose of nn.Linear's layout.
+        self.fan_in_fan_out = isinstance(base, Conv1D)
+        self.kwargs = kwargs
+
+    # ----- adapter state -------------------------------------------------------------------------------------------
+    def update_layer(
+        self, adapter_name: str, grid: BlockGrid, block_ids: Sequence[int], *, init_weights: bool = True, seed: int = 0
+    ) -> None:
+        """Create (or replace) the adapter's delta for exactly `block_ids` of `grid`."""
+        if (grid.in_features, grid.out_features) != (self.in_features, self.out_features):
+            raise ValueError(
+                f"`grid` must describe this layer's weight ({self.out_features} x {self.in_features}), "
+                f"got {grid.out_features} x {grid.in_features}"
+            )
+        ids = sorted(grid.check_ids(block_ids))
+        n_lines = sum(grid.widths(ids))
+        if init_weights:
+            delta = torch.zeros(n_lines, grid.other_length)
+        else:
+            delta = RANDOM_INIT_STD * torch.randn(
+                n_lines, grid.other_length, generator=_layer_generator(seed, adapter_name, grid, ids)
+            )
+        self.mftc_grid[adapter_name] = grid
+        self.mftc_delta[adapter_name] = nn.Parameter(delta)
+        self.mftc_idx[adapter_name] = torch.tensor(ids, dtype=torch.int32)  # int32: half the bytes on disk
+        if n_lines:
+            self.frozen_peft_weight_names.pop(adapter_name, None)
+        else:
+            # An empty delta never receives a gradient; leaving it trainable would break DistributedDataParallel.
+            self.frozen_peft_weight_names[adapter_name] = ("mftc_delta",)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        for key in self.mftc_delta:
+            self._mftc_wants_grad[key] = key in names and not inference_mode
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        for key in names:
+            if key in self.mftc_delta:
+                self._mftc_wants_grad[key] = requires_grad
+
+    def block_ids(self, adapter_name: str) -> list[int]:
+        return self.mftc_idx[adapter_name].tolist()
+
+    def _positions(self, adapter_name: str) -> torch.Tensor:
+        """Positions along the block axis covered by the adapter's blocks, in delta-line order."""
+        grid = self.mftc_grid[adapter_name]
+        ids = self.mftc_idx[adapter_name].to(torch.int64)  # int64 for index arithmetic and index_select
+        offsets = torch.arange(grid.width, device=ids.device)
+        positions = (ids[:, None] * grid.width + offsets).flatten()
+        if grid.length % grid.width:  # the last block is narrower: drop positions past the end
+            positions = positions[positions < grid.length]
+        return positions
+
+    # ----- forward ---------------------------------------------------------------------------------------------
+    def _add_block_updates(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        for adapter_name in self.active_adapters:
+            if adapter_name not in self.mftc_delta or self.mftc_delta[adapter_name].shape[0] == 0:
+                continue
+            delta = self.mftc_delta[adapter_name]
+            positions = self._positions(adapter_name)
+            x_delta = self._cast_input_dtype(x, delta.dtype)
+            if self.mftc_grid[adapter_name].axis == "out":
+                update = x_delta @ delta.T  # (..., selected outputs)
+                result = result.index_add(-1, positions, update.to(result.dtype))
+            else:
+                update = x_delta.index_select(-1, positions) @ delta  # (..., out_features)
+                result = result + update.to(result.dtype)
+        return result
+
+    # ----- merge ---------------------------------------------------------------------------------------------------
+    def _line_dim(self, adapter_name: str) -> int:
+        """Weight dimension that the adapter's block axis maps to (Conv1D stores the transpose of nn.Linear)."""
+        return 0 if (self.mftc_grid[adapter_name].axis == "out") != self.fan_in_fan_out else 1
+
+    def _read_lines(self, weight: torch.Tensor, adapter_name: str, positions: torch.Tensor) -> torch.Tensor:
+        lines = weight.index_select(self._line_dim(adapter_name), positions)
+        return lines if self._line_dim(adapter_name) == 0 else lines.T
+
+    def _write_lines(self, weight: torch.Tensor, adapter_name: str, positions: torch.Tensor, lines) -> None:
+        if self._line_dim(adapter_name) == 0:
+            weight[positions] = lines.to(weight.dtype)
+        else:
+            weight[:, positions] = lines.T.to(weight.dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        weight = self.get_base_layer().weight.data
+        for adapter_name in adapter_names:
+            if adapter_name not in self.mftc_delta:
+                continue
+            positions = self._positions(adapter_name).to(weight.device)
+            old_lines = self._read_lines(weight, adapter_name, positions)
+            delta = self.mftc_delta[adapter_name].detach()
+            new_lines = old_lines.to(delta.dtype) + delta
+            if safe_merge and not torch.isfinite(new_lines).all():
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken"
+                )
+            self._mftc_replaced[adapter_name] = old_lines.clone()
+            self._write_lines(weight, adapter_name, positions, new_lines)
+            self.merged_adapters.append(adapter_name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        weight = self.get_base_layer().weight.data
+        while self.merged_adapters:  # newest first, so overlapping blocks come back to the oldest values
+            adapter_name = self.merged_adapters.pop()
+            old_lines = self._mftc_replaced.pop(adapter_name, None)
+            if old_lines is None:
+                continue
+            positions = self._positions(adapter_name).to(weight.device)
+            self._write_lines(weight, adapter_name, positions, old_lines)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The adapter's update as a dense tensor in the base weight's layout. For tests and diagnostics only."""
+        weight = self.get_base_layer().weight
+        delta = self.mftc_delta[adapter_name]
+        dense = torch.zeros(weight.shape, dtype=delta.dtype, device=delta.device)
+        self._write_lines(dense, adapter_name, self._positions(adapter_name).to(delta.device), delta)
+        return dense
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return False
+
+
+def _layer_generator(seed: int, adapter_name: str, grid: BlockGrid, ids: Sequence[int]) -> torch.Generator:
+    """A generator that differs per layer and adapter but not per process (Python's `hash` is salted)."""
+    key = f"{seed}|{adapter_name}|{grid}|{list(ids)}".encode()
+    return torch.Generator().manual_seed(zlib.crc32(key))
+
+
+class Linear(nn.Module, MFTCLayer):
+    """MFTC around an `nn.Linear` or a transformers `Conv1D`; the forward never needs the base layout."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        grid: BlockGrid,
+        block_ids: Sequence[int],
+        *,
+        init_weights: bool = True,
+        seed: int = 0,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        MFTCLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, grid, block_ids, init_weights=init_weights, seed=seed)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        return self._add_block_updates(x, result)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        # Selections are data-dependent: take each adapter's shapes from the checkpoint before the copy. This must
+        # live on the concrete class; on the mixin, nn.Module's method would come first in the MRO.
+        for adapter_name in list(self.mftc_delta.keys()):
+            ids = state_dict.get(f"{prefix}mftc_idx.{adapter_name}")
+            if ids is not None and ids.tolist() != self.block_ids(adapter_name):
+                self._resize_to_checkpoint(adapter_name, ids.tolist(), f"checkpoint {prefix}mftc_idx.{adapter_name}")
+            delta = state_dict.get(f"{prefix}mftc_delta.{adapter_name}")
+            if delta is not None and delta.shape[1:] != self.mftc_delta[adapter_name].shape[1:]:
+                grid = self.mftc_grid[adapter_name]
+                raise ValueError(
+                    f"checkpoint {prefix}mftc_delta.{adapter_name} has lines of length {delta.shape[1]}, but "
+                    f"{prefix.rstrip('.')} has a weight of {grid.out_features} x {grid.in_features} (lines of length "
+                    f"{grid.other_length} on its '{grid.axis}' block axis): the adapter was saved for a base model "
+                    "whose shapes differ from this one."
+                )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+
+    def _resize_to_checkpoint(self, adapter_name: str, ids: list[int], source: str) -> None:
+        """Re-create the adapter's delta for the checkpoint's blocks, keeping its dtype and trainability."""
+        grid = self.mftc_grid[adapter_name]
+        try:
+            grid.check_ids(ids, name=source)
+        except ValueError as error:
+            raise ValueError(
+                f"{error}. The adapter was saved for a base model whose shapes differ from this one."
+            ) from None
+        old = self.mftc_delta[adapter_name]
+        wanted = old.requires_grad if old.numel() else self._mftc_wants_grad.get(adapter_name, False)
+        self.update_layer(adapter_name, grid, ids)
+        self._mftc_wants_grad[adapter_name] = wanted  # update_layer re-activates; the intent stays what it was
+        new = self.mftc_delta[adapter_name]
+        trainable = wanted and new.numel() > 0
+        self.mftc_delta[adapter_name] = nn.Parameter(new.to(old.dtype), requires_grad=trainable)
+
+    def __repr__(self) -> str:
+        return "mftc." + super().__repr__()

@@ -1,0 +1,437 @@
+"""Probes that train the model: "finetune" (one candidate at a time) and "regression" (random architectures jointly).
+
+Both measure against the base network N_e: the classification head (the PEFT `modules_to_save` parameters) trained
+alone for the same steps, from the same starting point, on the same batches. A probe run
+
+1. takes a snapshot of everything it could change (`preserved_state`),
+2. per probe: selects the blocks (`set_block_selection`, zero deltas), makes only the head and those blocks trainable,
+   trains `probe_steps` steps on warm-up batches, evaluates loss and accuracy on held-out probe batches,
+3. restores the snapshot exactly, after every probe and after the run, also when an exception escapes.
+
+Every probe starts from the same global torch RNG state (the snapshot restores it), so with dropout on all candidates
+see the same dropout masks: deltas are paired differences. Batch orders come from a numpy Generator seeded by `seed`;
+the library never seeds torch. Results are therefore deterministic given `seed` and the RNG state at entry (fully
+deterministic given `seed` with `dropout=False`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import numbers
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from peft.utils import ModulesToSaveWrapper
+from torch import nn
+from tqdm.auto import tqdm
+
+from .model import mftc_tuner as _mftc_model  # the MFTCModel of a PeftModel
+from .predictor import AdditiveModel, ProbeResult, _check_rng, _fit_additive_model, _sample_architectures
+from .predictor import models_from_probes
+from .search import SearchSpace
+from .training_utils import (
+    OPTIMIZERS,
+    LossFn,
+    TrainLog,
+    _check_positive_int,
+    _check_positive_number,
+    evaluate,
+    train_steps,
+)
+
+logger = logging.getLogger(__name__)
+
+_MISSING = object()
+
+
+# -------------------------------------------------------------------------------------------------------- the model
+def _adapter(mftc, adapter_name: str | None) -> str:
+    adapter_name = adapter_name or mftc.active_adapters[0]
+    if adapter_name not in mftc.peft_config:
+        raise ValueError(f"`adapter_name` must be one of {sorted(mftc.peft_config)!r}, got {adapter_name!r}")
+    return adapter_name
+
+
+def head_parameters(peft_model: nn.Module, adapter_name: str | None = None) -> list[nn.Parameter]:
+    """The adapter's `modules_to_save` parameters (e.g. a new classification head): what N_e trains."""
+    adapter_name = _adapter(_mftc_model(peft_model), adapter_name)
+    params = []
+    for module in peft_model.modules():
+        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            params += list(module.modules_to_save[adapter_name].parameters())
+    return params
+
+
+@contextlib.contextmanager
+def preserved_state(peft_model: nn.Module, *, adapter_name: str | None = None, include_frozen: bool = False):
+    """Snapshot the model on entry and put it back exactly on exit, also when the body raises.
+
+    Restored: the adapter's block selection (the very delta Parameter and id-buffer objects, so optimisers that hold
+    them stay valid, and the config's `block_selection`), the values of every parameter that is trainable on entry or
+    belongs to the adapter's head (all parameters with `include_frozen=True`), every buffer, every `requires_grad` flag
+    and `.grad`, the train/eval flag of every module, and the global torch RNG state (CPU and, if initialised, CUDA).
+
+    Frozen base weights are not copied by default: probes never make them trainable. A merged adapter is refused,
+    because probing would then train on top of merged weights.
+    """
+    mftc = _mftc_model(peft_model)
+    adapter = _adapter(mftc, adapter_name)
+    layers = list(mftc.mftc_layers(adapter))
+    merged = [name for name, layer in layers if layer.merged]
+    if merged:
+        raise ValueError(f"`peft_model` must not be merged while probing, got merged layers {merged[:3]!r}")
+    config = mftc.peft_config[adapter]
+    rng_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    modes = [(module, module.training) for module in peft_model.modules()]
+    structure = [
+        (
+            layer,
+            layer.mftc_grid[adapter],
+            layer.mftc_delta[adapter],
+            layer.mftc_idx[adapter],
+            layer.frozen_peft_weight_names.get(adapter, _MISSING),
+        )
+        for _, layer in layers
+    ]
+    selection = copy.deepcopy(config.block_selection)
+    head = {id(p) for p in head_parameters(peft_model, adapter)}
+    params = []
+    for p in dict.fromkeys(peft_model.parameters()):  # ordered and without duplicates (tied weights)
+        keep = include_frozen or p.requires_grad or id(p) in head
+        grad = None if p.grad is None else p.grad.detach().clone()
+        params.append((p, p.detach().clone() if keep else None, p.requires_grad, grad))
+    buffers = [(b, b.detach().clone()) for b in dict.fromkeys(peft_model.buffers())]
+    try:
+        yield peft_model
+    finally:
+        for layer, grid, delta, idx, frozen in structure:
+            layer.mftc_grid[adapter] = grid
+            layer.mftc_delta[adapter] = delta
+            layer.mftc_idx[adapter] = idx
+            if frozen is _MISSING:
+                layer.frozen_peft_weight_names.pop(adapter, None)
+            else:
+                layer.frozen_peft_weight_names[adapter] = frozen
+        config.block_selection = selection
+        with torch.no_grad():
+            for p, value, requires_grad, grad in params:
+                if value is not None:
+                    p.copy_(value)
+                p.requires_grad_(requires_grad)
+                p.grad = grad
+            for b, value in buffers:
+                b.copy_(value)
+        for module, training in modes:
+            module.training = training
+        torch.set_rng_state(rng_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+# ----------------------------------------------------------------------------------------------------------- report
+@dataclass(frozen=True)
+class ProbeBudget:
+    """What probing cost: probes run, forward and backward passes (one per batch), wall seconds."""
+
+    probes: int = 0
+    forward_passes: int = 0
+    backward_passes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ProbeReport:
+    """A probe run: one `ProbeResult` per candidate (the "none" candidates included, with deltas exactly 0; leave them
+    out before `models_from_probes`, as `models` does), the base network's absolute accuracy and loss, and the budget
+    spent. `architectures` and `measured_*` hold what the "regression" kind trained (empty for "finetune")."""
+
+    kind: str
+    results: tuple[ProbeResult, ...]
+    base_accuracy: float
+    base_loss: float
+    budget: ProbeBudget
+    architectures: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64), repr=False)
+    measured_accuracy: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+    measured_loss: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+
+    def models(self, n_candidates_per_node: Sequence[int]) -> tuple[AdditiveModel, AdditiveModel]:
+        """(accuracy model, loss model) for the search: `models_from_probes` over the non-"none" results with this
+        run's base values."""
+        return models_from_probes(
+            [r for r in self.results if r.candidate != 0],
+            n_candidates_per_node,
+            base_accuracy=self.base_accuracy,
+            base_loss=self.base_loss,
+        )
+
+
+@dataclass
+class _Settings:
+    steps: int
+    lr: float
+    head_lr: float
+    optimizer: str
+    weight_decay: float
+    dropout: bool
+    compute_loss: LossFn | None
+
+
+def _check_common(peft_model, space, train_batches, eval_batches, probe_steps, lr, head_lr, optimizer, adapter_name):
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if not isinstance(space, SearchSpace):
+        raise ValueError(f"`space` must be a SearchSpace, got {type(space).__name__}")
+    if not isinstance(train_batches, Sequence) or len(train_batches) == 0:
+        raise ValueError(f"`train_batches` must be a non-empty sequence of batch dicts, got {train_batches!r:.80}")
+    if not isinstance(eval_batches, Sequence) or len(eval_batches) == 0:
+        raise ValueError(f"`eval_batches` must be a non-empty sequence of batch dicts, got {eval_batches!r:.80}")
+    _check_positive_int(probe_steps, "probe_steps")
+    _check_positive_number(lr, "lr")
+    if head_lr is not None:
+        _check_positive_number(head_lr, "head_lr")
+    mftc = _mftc_model(peft_model)
+    return mftc, _adapter(mftc, adapter_name)
+
+
+def _batch_order(rng: np.random.Generator, n_batches: int, steps: int) -> np.ndarray:
+    """`steps` batch indices: whole random permutations of the batches, concatenated and cut."""
+    rounds = -(-steps // n_batches)
+    return np.concatenate([rng.permutation(n_batches) for _ in range(rounds)])[:steps]
+
+
+@dataclass(frozen=True)
+class SelectionMeasurement:
+    """`measure_selection`'s outcome: held-out loss and accuracy after training, and the training log."""
+
+    loss: float
+    accuracy: float
+    train: TrainLog
+
+
+def measure_selection(
+    peft_model: nn.Module,
+    selection: Mapping[str, Sequence[int]],
+    train_batches: Iterable[Mapping[str, torch.Tensor]],
+    eval_batches: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    steps: int,
+    lr: float,
+    head_lr: float | None = None,
+    optimizer: str = "adamw",
+    weight_decay: float = 0.0,
+    schedule: str = "constant",
+    dropout: bool = True,
+    compute_loss: LossFn | None = None,
+    adapter_name: str | None = None,
+) -> SelectionMeasurement:
+    """Train the head plus exactly the blocks of `selection` ({full module name: block ids}; {} is N_e) for `steps`
+    steps from the model's current head and zero deltas, evaluate on `eval_batches`, and restore the model exactly.
+
+    The building block of the probes, and of "measure an architecture for real" in benchmarks (with more steps and a
+    `schedule="linear"` decay). `head_lr` defaults to `lr`.
+    """
+    _check_positive_int(steps, "steps")
+    _check_positive_number(lr, "lr")
+    mftc = _mftc_model(peft_model)
+    adapter = _adapter(mftc, adapter_name)
+    with preserved_state(peft_model, adapter_name=adapter):
+        mftc.set_block_selection(selection, adapter, init_weights=True)
+        deltas = [layer.mftc_delta[adapter] for _, layer in mftc.mftc_layers(adapter)]
+        deltas = [d for d in deltas if d.numel() > 0]
+        head = head_parameters(peft_model, adapter)
+        for p in peft_model.parameters():
+            p.requires_grad_(False)
+        for p in head + deltas:
+            p.requires_grad_(True)
+        groups = [g for g in ({"params": head, "lr": head_lr or lr}, {"params": deltas, "lr": lr}) if g["params"]]
+        peft_model.train(dropout)
+        log = TrainLog((), 0, 0.0)
+        if groups:
+            log = train_steps(
+                peft_model, train_batches, params=groups, lr=lr, steps=steps, optimizer=optimizer,
+                weight_decay=weight_decay, schedule=schedule, compute_loss=compute_loss,
+            )
+        loss, accuracy = evaluate(peft_model, eval_batches, compute_loss=compute_loss)
+    return SelectionMeasurement(loss, accuracy, log)
+
+
+def _probe_once(peft_model, mftc, adapter, selection, order, train_batches, eval_batches, s: _Settings, counter):
+    """One probe: `measure_selection` on the batches in `order`, counted. Returns (loss, accuracy)."""
+    m = measure_selection(
+        peft_model, selection, (train_batches[k] for k in order), eval_batches, steps=len(order), lr=s.lr,
+        head_lr=s.head_lr, optimizer=s.optimizer, weight_decay=s.weight_decay, dropout=s.dropout,
+        compute_loss=s.compute_loss, adapter_name=adapter,
+    )
+    counter["forward"] += m.train.steps + len(eval_batches)
+    counter["backward"] += m.train.steps
+    counter["probes"] += 1
+    return m.loss, m.accuracy
+
+
+def _budget(counter, start: float) -> ProbeBudget:
+    return ProbeBudget(counter["probes"], counter["forward"], counter["backward"], time.perf_counter() - start)
+
+
+def _spread(values: np.ndarray) -> float:
+    return float(np.std(values, ddof=1)) if values.size > 1 else 0.0
+
+
+# --------------------------------------------------------------------------------------------------------- finetune
+def finetune_probe(
+    peft_model: nn.Module,
+    space: SearchSpace,
+    train_batches: Sequence[Mapping[str, torch.Tensor]],
+    eval_batches: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    probe_steps: int = 10,
+    probe_repeats: int = 2,
+    lr: float = 1e-3,
+    head_lr: float | None = None,
+    optimizer: str = "adamw",
+    weight_decay: float = 0.0,
+    dropout: bool = True,
+    seed=0,
+    compute_loss: LossFn | None = None,
+    adapter_name: str | None = None,
+    progress: bool = True,
+) -> ProbeReport:
+    """The paper's probing: train the head plus one candidate's blocks, for every candidate, and compare with N_e.
+
+    Parameters
+    ----------
+    peft_model : PeftModel with an MFTC adapter (not merged)
+        Left exactly as it was (see `preserved_state`). Probes start from its current head and from zero deltas.
+    space : SearchSpace
+        Candidates to probe; candidate 0 ("none") of every node is N_e itself and gets deltas of exactly 0.
+    train_batches, eval_batches : sequences of batch dicts (with `labels`)
+        Warm-up batches to train on and held-out probe batches to evaluate on.
+    probe_steps, probe_repeats : int
+        Optimiser steps per probe, and repeats with different batch orders (the spread is the standard deviation of
+        the paired deltas over repeats; 0 with one repeat). Every candidate and N_e share each repeat's order.
+    lr, head_lr, optimizer, weight_decay :
+        Optimiser of the probes ("adamw" or "sgd"); `head_lr` defaults to `lr`.
+    dropout : bool
+        Train in train mode (dropout on; every probe replays the same global RNG stream) or in eval mode.
+    seed : int or numpy Generator
+        Source of the batch orders.
+
+    Cost: probe_repeats x (1 + number of non-"none" candidates) probes of probe_steps forward/backward passes plus
+    len(eval_batches) forward passes each; logged at INFO level and returned in `report.budget`.
+    """
+    mftc, adapter = _check_common(peft_model, space, train_batches, eval_batches, probe_steps, lr, head_lr,
+                                  optimizer, adapter_name)
+    probe_repeats = _check_positive_int(probe_repeats, "probe_repeats")
+    rng = _check_rng(seed)
+    s = _Settings(int(probe_steps), float(lr), float(head_lr or lr), optimizer, weight_decay, bool(dropout),
+                  compute_loss)
+    keys = list(iter_candidates(space))
+    counter, start = {"probes": 0, "forward": 0, "backward": 0}, time.perf_counter()
+    base = np.zeros((probe_repeats, 2))  # (repeats, [loss, accuracy])
+    measured = np.zeros((probe_repeats, len(keys), 2))
+    bar = tqdm(total=probe_repeats * (1 + len(keys)), desc="finetune probe", disable=not progress)
+    with preserved_state(peft_model, adapter_name=adapter), bar:
+        for r in range(probe_repeats):
+            order = _batch_order(rng, len(train_batches), s.steps)
+            base[r] = _probe_once(peft_model, mftc, adapter, {}, order, train_batches, eval_batches, s, counter)
+            bar.update(1)
+            for k, (i, c) in enumerate(keys):
+                blocks = space.nodes[i].candidates[c].blocks
+                measured[r, k] = _probe_once(peft_model, mftc, adapter, blocks, order, train_batches, eval_batches,
+                                             s, counter)
+                bar.update(1)
+    deltas = measured - base[:, None, :]  # (repeats, candidates, [loss, accuracy]), paired per repeat
+    results = [ProbeResult(i, 0, 0.0, 0.0, n_repeats=probe_repeats) for i in range(len(space.nodes))]
+    results += [
+        ProbeResult(i, c, float(deltas[:, k, 1].mean()), float(deltas[:, k, 0].mean()),
+                    accuracy_spread=_spread(deltas[:, k, 1]), loss_spread=_spread(deltas[:, k, 0]),
+                    n_repeats=probe_repeats)
+        for k, (i, c) in enumerate(keys)
+    ]
+    budget = _budget(counter, start)
+    _log_budget("finetune", budget)
+    return ProbeReport("finetune", tuple(results), float(base[:, 1].mean()), float(base[:, 0].mean()), budget)
+
+
+def _log_budget(kind: str, budget: ProbeBudget) -> None:
+    logger.info(
+        "%s probe: %d probes, %d forward / %d backward passes, %.1f s",
+        kind, budget.probes, budget.forward_passes, budget.backward_passes, budget.seconds,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------- regression
+def regression_probe(
+    peft_model: nn.Module,
+    space: SearchSpace,
+    train_batches: Sequence[Mapping[str, torch.Tensor]],
+    eval_batches: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    n_architectures: int | None = None,
+    probe_steps: int = 10,
+    lr: float = 1e-3,
+    head_lr: float | None = None,
+    optimizer: str = "adamw",
+    weight_decay: float = 0.0,
+    dropout: bool = True,
+    alpha: float = 1e-2,
+    seed=0,
+    compute_loss: LossFn | None = None,
+    adapter_name: str | None = None,
+    progress: bool = True,
+) -> ProbeReport:
+    """Train random architectures (one candidate per node) jointly, then fit the additive model by least squares.
+
+    For when nodes x candidates is too many to probe one by one. `n_architectures` defaults to twice the number of
+    coefficients (1 + non-"none" candidates), capped at the number of distinct architectures; all share one batch
+    order. Accuracy and loss are each fitted with `fit_additive_model` (ridge `alpha` on the deltas); a delta's spread
+    is its standard error (0 when there are no spare degrees of freedom). The base values are the fitted intercepts.
+    Other arguments as for `finetune_probe`.
+    """
+    mftc, adapter = _check_common(peft_model, space, train_batches, eval_batches, probe_steps, lr, head_lr,
+                                  optimizer, adapter_name)
+    counts = space.n_candidates_per_node
+    total = math.prod(counts)
+    if n_architectures is None:
+        n_architectures = min(total, 2 * (1 + sum(c - 1 for c in counts)))
+    if not (isinstance(n_architectures, numbers.Integral) and not isinstance(n_architectures, bool)
+            and 2 <= n_architectures <= total):
+        raise ValueError(f"`n_architectures` must be an integer in 2..{total}, got {n_architectures!r}")
+    if not (isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and alpha >= 0):
+        raise ValueError(f"`alpha` must be a non-negative number, got {alpha!r}")
+    rng = _check_rng(seed)
+    s = _Settings(int(probe_steps), float(lr), float(head_lr or lr), optimizer, weight_decay, bool(dropout),
+                  compute_loss)
+    arch = _sample_architectures(counts, int(n_architectures), rng)
+    order = _batch_order(rng, len(train_batches), s.steps)
+    counter, start = {"probes": 0, "forward": 0, "backward": 0}, time.perf_counter()
+    measured = np.zeros((len(arch), 2))
+    with preserved_state(peft_model, adapter_name=adapter):
+        for a, row in enumerate(tqdm(arch, desc="regression probe", disable=not progress)):
+            measured[a] = _probe_once(peft_model, mftc, adapter, space.selection(row), order, train_batches,
+                                      eval_batches, s, counter)
+    accuracy = _fit_additive_model(arch, measured[:, 1], counts, float(alpha))
+    loss = _fit_additive_model(arch, measured[:, 0], counts, float(alpha))
+    results = []
+    for i, count in enumerate(counts):
+        for c in range(count):
+            sd = [0.0 if m.spread is None else float(m.spread[i][c]) for m in (accuracy, loss)]
+            results.append(ProbeResult(i, c, float(accuracy.deltas[i][c]), float(loss.deltas[i][c]),
+                                       accuracy_spread=sd[0], loss_spread=sd[1]))
+    budget = _budget(counter, start)
+    _log_budget("regression", budget)
+    return ProbeReport("regression", tuple(results), accuracy.base, loss.base, budget, arch, measured[:, 1].copy(),
+                       measured[:, 0].copy())
+
+
+def iter_candidates(space: SearchSpace) -> Iterator[tuple[int, int]]:
+    """(node, candidate) pairs of every non-"none" candidate, in probing order."""
+    for i, node in enumerate(space.nodes):
+        for c in range(1, len(node.candidates)):
+            yield i, c

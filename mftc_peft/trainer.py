@@ -1,0 +1,95 @@
+"""`MFTCTrainer`: a `transformers.Trainer` that runs the MFTC warm-up before it creates its optimiser.
+
+The optimiser therefore holds exactly the selected deltas. The selection is part of the adapter config, so every
+checkpoint carries it; resuming loads it from the checkpoint and does not warm up again. Spectral coordination
+(`spectral_filter`, `spectral_reg` in the config) is applied on every step when set.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from transformers import Trainer, TrainerCallback
+
+from .spectral import SpectralCoordinator
+from .model import mftc_tuner
+from .warmup import warmup
+
+logger = logging.getLogger(__name__)
+
+
+class _FilterGradients(TrainerCallback):
+    """Low-pass filter the selected blocks' gradients right before each optimiser step."""
+
+    def __init__(self, trainer: "MFTCTrainer"):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.trainer.spectral is not None:
+            self.trainer.spectral.filter_gradients()
+
+
+class MFTCTrainer(Trainer):
+    """A `Trainer` for a PEFT model with an MFTC adapter.
+
+    Extra keyword arguments: `warmup_kwargs` (passed to `mftc_peft.warmup`, e.g. `compute_loss`) and
+    `warmup_eval_dataset` (held-out batches for finetune probes). After training, `trainer.warmup_report` holds the
+    report (None when the adapter already had a selection or training resumed from a checkpoint).
+    """
+
+    def __init__(self, *args, warmup_kwargs: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        mftc_tuner(self.model)  # fail early, with a clear message, if the model has no MFTC adapter
+        self.warmup_kwargs = dict(warmup_kwargs or {})
+        self.warmup_report = None
+        self.spectral = None
+        self.add_callback(_FilterGradients(self))
+
+    def _needs_warmup(self) -> bool:
+        tuner = mftc_tuner(self.model)
+        return tuner.selected_numel() == 0
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self._needs_warmup():
+            self._run_warmup()
+        self._build_spectral_coordinator()
+        return super().create_optimizer(model)
+
+    def _run_warmup(self) -> None:
+        logger.info("MFTC: warm-up on the training dataloader before creating the optimiser")
+        report = warmup(
+            self.model,
+            (self._prepare_inputs(batch) for batch in self.get_train_dataloader()),
+            progress=not self.args.disable_tqdm,
+            **self.warmup_kwargs,
+        )
+        self.warmup_report = report
+        self.log({f"mftc_warmup_{stage}_s": seconds for stage, seconds in report.timings.items()}
+                 | {"mftc_trainable_elements": report.trainable_elements})
+
+    def _build_spectral_coordinator(self) -> None:
+        tuner = mftc_tuner(self.model)
+        config = tuner.peft_config[tuner.active_adapters[0]]
+        if not (config.spectral_filter or config.spectral_reg):
+            return
+        if self.warmup_report is None:
+            logger.warning("MFTC: spectral coordination needs the warm-up's block graph; it is off for this run")
+            return
+        graph = self.warmup_report.block_graph()
+        self.spectral = SpectralCoordinator(
+            self.model, graph.nodes, graph.affinity, beta=config.spectral_filter, lam=config.spectral_reg
+        )
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        result = super().compute_loss(model, inputs, *args, **kwargs)
+        if self.spectral is None or self.spectral.lam == 0.0:
+            return result
+        if isinstance(result, tuple):
+            return (result[0] + self.spectral.regularization(), *result[1:])
+        return result + self.spectral.regularization()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # The layers took the checkpoint's block ids; keep the config in step so later saves record them.
+        tuner = mftc_tuner(self.model)
+        tuner.peft_config[tuner.active_adapters[0]].block_selection = tuner.block_selection()

@@ -1,0 +1,269 @@
+"""Small training helpers shared by the probes, the warm-up, the CLI and the benchmarks.
+
+Data is kept as one dict of equally long tensors (`encode_texts`: padded to `max_length` once); batches are index
+selections of it, trimmed to the longest sequence they contain. Batch orders come from a numpy Generator, so they are
+reproducible without touching torch's global RNG. `train_steps` and `evaluate` run plain loops over batch dicts that the
+model takes (with `labels`); losses come from `outputs.loss` or a `compute_loss(model, batch)` callable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import numbers
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .predictor import _check_rng  # numpy Generator or non-negative int seed -> Generator
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("constant", "linear")
+IGNORE_INDEX = -100  # label value that losses and accuracies skip (transformers' convention)
+
+# compute_loss(model, batch) -> loss tensor, or (loss tensor, outputs with `.logits`) so that accuracy can be measured.
+LossFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], "torch.Tensor | tuple[torch.Tensor, object]"]
+
+
+def _check_positive_int(value, name: str) -> int:
+    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1):
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _check_positive_number(value, name: str) -> float:
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+        raise ValueError(f"`{name}` must be a positive number, got {value!r}")
+    return float(value)
+
+
+# --------------------------------------------------------------------------------------------------------------- data
+def encode_texts(tokenizer, texts: Sequence[str], labels: Sequence[int] | None = None, *, max_length: int = 64):
+    """Tokenise `texts` once, truncated and padded to `max_length`: a dict of (n, max_length) tensors (+ `labels`)."""
+    _check_positive_int(max_length, "max_length")
+    texts = list(texts)
+    if labels is not None and len(labels) != len(texts):
+        raise ValueError(f"`labels` must have one entry per text ({len(texts)}), got {len(labels)}")
+    encoded = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+    data = {key: value for key, value in encoded.items()}
+    if labels is not None:
+        data["labels"] = torch.as_tensor(list(labels), dtype=torch.long)
+    return data
+
+
+def n_examples(data: Mapping[str, torch.Tensor]) -> int:
+    sizes = {len(v) for v in data.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"`data` must hold tensors of one common length, got lengths {sorted(sizes)!r}")
+    return sizes.pop()
+
+
+def take(data: Mapping[str, torch.Tensor], index) -> dict[str, torch.Tensor]:
+    """The batch of rows `index`, with padding columns that no row of it uses dropped (needs `attention_mask`)."""
+    index = torch.as_tensor(np.asarray(index), dtype=torch.long)
+    batch = {key: value[index] for key, value in data.items()}
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.ndim == 2:
+        used = mask.bool().any(dim=0)  # (T,): works for left and right padding alike
+        if not bool(used.all()):
+            width = mask.shape[1]
+            batch = {k: v[:, used] if v.ndim >= 2 and v.shape[1] == width else v for k, v in batch.items()}
+    return batch
+
+
+def make_batches(
+    data: Mapping[str, torch.Tensor], batch_size: int, *, rng=None, drop_last: bool = False
+) -> list[dict[str, torch.Tensor]]:
+    """One epoch of batches: in order, or shuffled by `rng` (a numpy Generator or an integer seed)."""
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    n = n_examples(data)
+    order = np.arange(n) if rng is None else _check_rng(rng).permutation(n)
+    stops = range(batch_size, n + 1 if drop_last else n + batch_size, batch_size)
+    return [take(data, order[stop - batch_size : min(stop, n)]) for stop in stops]
+
+
+def iterate_batches(
+    data: Mapping[str, torch.Tensor],
+    batch_size: int,
+    *,
+    seed: int | None = None,
+    epochs: int | None = 1,
+    drop_last: bool = False,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches for `epochs` epochs (None: forever), each epoch in a fresh order drawn from `default_rng(seed)`.
+
+    `seed=None` keeps the data order. The same seed always yields the same batches.
+    """
+    if epochs is not None:
+        _check_positive_int(epochs, "epochs")
+    rng = None if seed is None else _check_rng(seed)
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        yield from make_batches(data, batch_size, rng=rng, drop_last=drop_last)
+        epoch += 1
+
+
+# ------------------------------------------------------------------------------------------------------------ metrics
+def _loss_and_outputs(model: nn.Module, batch, compute_loss: LossFn | None):
+    if compute_loss is None:
+        outputs = model(**batch)
+        loss = getattr(outputs, "loss", None)
+        if loss is None:
+            raise ValueError("the model returned no `loss`: pass batches with `labels` or a `compute_loss` callable")
+        return loss, outputs
+    result = compute_loss(model, batch)
+    return result if isinstance(result, tuple) else (result, None)
+
+
+def _correct_and_count(outputs, batch) -> tuple[int, int]:
+    """Correct predictions and how many labels were scored; (0, 0) when there is nothing to score."""
+    logits = getattr(outputs, "logits", outputs if isinstance(outputs, torch.Tensor) else None)
+    labels = batch.get("labels")
+    if logits is None or labels is None:
+        return 0, 0
+    if logits.ndim == 3 and labels.ndim == 2:
+        # Causal LM: position t predicts token t + 1 (transformers shifts the same way inside its loss).
+        logits, labels = logits[:, :-1], labels[:, 1:]  # (B, T-1, V), (B, T-1)
+    elif logits.ndim != 2 or labels.ndim != 1:
+        raise ValueError(
+            "accuracy needs classification logits (B, C) with labels (B,) or causal-LM logits (B, T, V) with labels "
+            f"(B, T), got logits {tuple(logits.shape)} and labels {tuple(labels.shape)}"
+        )
+    scored = labels != IGNORE_INDEX
+    correct = (logits.argmax(dim=-1) == labels) & scored
+    return int(correct.sum()), int(scored.sum())
+
+
+def _batch_stats(model, batch, compute_loss) -> tuple[float, int, int]:
+    loss, outputs = _loss_and_outputs(model, batch, compute_loss)
+    correct, count = _correct_and_count(outputs, batch)
+    return float(loss.detach()), correct, count
+
+
+def batch_metrics(model: nn.Module, batch: Mapping[str, torch.Tensor], compute_loss: LossFn | None = None):
+    """(loss, accuracy) of one batch without gradients, in the model's current train/eval mode.
+
+    Accuracy is argmax(logits) == labels for classification and next-token accuracy for causal LM logits (B, T, V)
+    with labels (B, T), positions labelled -100 skipped. NaN when it cannot be measured (no labels, or a
+    `compute_loss` that returns the loss alone instead of `(loss, outputs)`).
+    """
+    with torch.no_grad():
+        loss, correct, count = _batch_stats(model, batch, compute_loss)
+    return loss, (correct / count if count else math.nan)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """`model.eval()` for the duration, then every submodule's own train/eval flag back."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def evaluate(
+    model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, compute_loss: LossFn | None = None
+) -> tuple[float, float]:
+    """(loss, accuracy) over `batches` in eval mode, without gradients; the model's modes are restored after.
+
+    The loss is the mean of batch losses weighted by batch size (exact for mean-reduced classification losses);
+    accuracy pools correct predictions over all scored labels (NaN when none could be scored).
+    """
+    total, weight, correct, count = 0.0, 0, 0, 0
+    with eval_mode(model), torch.no_grad():
+        for batch in batches:
+            loss, c, k = _batch_stats(model, batch, compute_loss)
+            size = len(next(iter(batch.values())))
+            total, weight, correct, count = total + loss * size, weight + size, correct + c, count + k
+    if weight == 0:
+        raise ValueError("`batches` must hold at least one batch")
+    return total / weight, (correct / count if count else math.nan)
+
+
+# ------------------------------------------------------------------------------------------------------------ training
+@dataclass(frozen=True)
+class TrainLog:
+    """What `train_steps` did: the loss of every step, the number of steps and the wall seconds."""
+
+    losses: tuple[float, ...]
+    steps: int
+    seconds: float
+
+
+def make_optimizer(params, *, lr: float, optimizer: str = "adamw", weight_decay: float = 0.0):
+    """AdamW or SGD over `params` (tensors or param-group dicts; groups may set their own `lr`)."""
+    lr = _check_positive_number(lr, "lr")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if not (isinstance(weight_decay, numbers.Real) and weight_decay >= 0):
+        raise ValueError(f"`weight_decay` must be a non-negative number, got {weight_decay!r}")
+    params = list(params)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+
+
+def train_steps(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    params,
+    lr: float,
+    steps: int | None = None,
+    optimizer: str = "adamw",
+    weight_decay: float = 0.0,
+    schedule: str = "constant",
+    compute_loss: LossFn | None = None,
+    progress: bool = False,
+    desc: str | None = None,
+) -> TrainLog:
+    """Forward, backward and optimiser step on each batch, for `steps` steps (None: until `batches` runs out).
+
+    `params` (tensors or param-group dicts) are what the optimiser updates; which parameters receive gradients is up
+    to their `requires_grad` flags. Runs in the model's current train/eval mode and leaves gradients cleared (None).
+    `schedule="linear"` decays the learning rate linearly to 0 over `steps` (which must then be given).
+    """
+    if steps is not None:
+        steps = _check_positive_int(steps, "steps")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"`schedule` must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule == "linear" and steps is None:
+        raise ValueError("`steps` must be given with `schedule='linear'`, got None")
+    opt = make_optimizer(params, lr=lr, optimizer=optimizer, weight_decay=weight_decay)
+    scheduler = None
+    if schedule == "linear":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: max(0.0, 1.0 - k / steps))
+    start, losses = time.perf_counter(), []
+    batches = iter(batches)
+    bar = tqdm(total=steps, desc=desc or "train", disable=not progress, leave=False)
+    try:
+        while steps is None or len(losses) < steps:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                if steps is not None:
+                    raise ValueError(f"`batches` ran out after {len(losses)} of {steps} steps") from None
+                break
+            loss, _ = _loss_and_outputs(model, batch, compute_loss)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+    finally:
+        bar.close()
+        opt.zero_grad(set_to_none=True)
+    return TrainLog(tuple(losses), len(losses), time.perf_counter() - start)

@@ -1,0 +1,86 @@
+"""The side-by-side benchmark harness (benchmarks/run.py) on tiny random models: every method builds, trains with a
+matched trainable count, and writes one JSON line; the report is generated from those lines."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+MAX_BLOCK = 1024  # largest block of the tiny BERT (32 FFN rows x hidden 32): greedy fills land within one block
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _records(path: Path) -> dict[str, dict]:
+    return {r["method"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    _load("run").main(["--smoke", "--in-process", "--device", "cpu", "--out", str(out), "--no-report"])
+    return out, _records(out / "smoke.jsonl")
+
+
+def test_every_method_runs_and_writes_one_line(smoke_results):
+    out, records = smoke_results
+    from harness.profiles import ALL_METHODS
+
+    assert sorted(records) == sorted(ALL_METHODS)
+    assert len((out / "smoke.jsonl").read_text().splitlines()) == len(ALL_METHODS)
+    for method, r in records.items():
+        assert r["status"] == "ok", (method, r.get("reason"))
+        for key in ("test_accuracy", "trainable_params", "trainable_params_no_head", "train_seconds",
+                    "warmup_seconds", "wall_seconds", "peak_rss_bytes", "adapter_bytes", "versions", "lr", "steps"):
+            assert r[key] is not None, (method, key)
+        assert r["phase"] == "test" and r["lr_swept"] is False
+
+
+def test_trainable_counts_are_matched(smoke_results):
+    _, records = smoke_results
+    budget = records["lora"]["lora_budget"]
+    for method in ("lora", "pissa", "shira"):
+        assert records[method]["trainable_params_no_head"] == budget, method
+    mftc = records["mftc"]["trainable_params_no_head"]
+    assert 0 < mftc <= budget
+    assert records["mftc_spectral"]["trainable_params_no_head"] == mftc  # same warm-up, same selection
+    for method in ("random_blocks", "top_energy", "mftc_no_search"):
+        assert records[method]["budget_source"] == "mftc"
+        assert mftc - MAX_BLOCK < records[method]["trainable_params_no_head"] <= mftc, method
+    assert 0 < records["mftc_no_cluster"]["trainable_params_no_head"] <= mftc
+    # Every method trains the same head on top of its own parameters.
+    heads = {r["trainable_params"] - r["trainable_params_no_head"] for r in records.values()}
+    assert len(heads) == 1
+    assert records["mftc"]["warmup_seconds"] > 0
+    assert records["mftc"]["wall_seconds"] >= records["mftc"]["warmup_seconds"] + records["mftc"]["train_seconds"]
+
+
+def test_report_is_generated_from_the_lines(smoke_results):
+    out, _ = smoke_results
+    written = _load("report").write_reports(out)
+    assert {p.name for p in written} == {"smoke.md", "README.md"}
+    text = (out / "smoke.md").read_text()
+    assert "| mftc |" in text and "Targets (issue 6)" in text
+    assert (out / "smoke_cls_vs_params.png").exists() and (out / "smoke_cls_vs_wall.png").exists()
+
+
+def test_subprocess_runs_language_modelling_and_records_skips(tmp_path):
+    command = [sys.executable, str(BENCHMARKS / "run.py"), "--smoke", "--tasks", "lm", "--methods", "lora,mftc,bias",
+               "--device", "cpu", "--out", str(tmp_path), "--no-report"]
+    subprocess.run(command, check=True, capture_output=True, env=os.environ | {"HF_HUB_OFFLINE": "1"}, timeout=120)
+    records = _records(tmp_path / "smoke.jsonl")
+    assert records["mftc"]["status"] == "ok" and records["lora"]["status"] == "ok"
+    assert records["mftc"]["test_perplexity"] > 1
+    assert records["bias"]["status"] == "skipped" and "no bias" in records["bias"]["reason"]

@@ -1,0 +1,129 @@
+"""Every bad input names the argument, states the rule, echoes the value, and leaves the user's model untouched."""
+
+import copy
+
+import pytest
+import torch
+from peft import get_peft_model
+from tiny_models import CASES_BY_NAME
+from torch import nn
+
+import mftc_peft  # noqa: F401
+from mftc_peft import MFTCConfig, MFTCLayer
+
+
+def bert():
+    return CASES_BY_NAME["bert"].model()
+
+
+def assert_untouched(model):
+    assert not any(isinstance(m, MFTCLayer) for m in model.modules())
+
+
+def test_unknown_target_module_name():
+    model = bert()
+    with pytest.raises(ValueError, match=r"`target_modules` entries \['qeury'\] match no module"):
+        get_peft_model(model, MFTCConfig(target_modules=["query", "qeury"]))
+    assert_untouched(model)
+
+
+def test_unsupported_module_type_lists_supported_types():
+    model = bert()
+    with pytest.raises(TypeError, match=r"matched 'bert.embeddings.word_embeddings', a Embedding.*torch.nn.modules"):
+        get_peft_model(model, MFTCConfig(target_modules=["word_embeddings", "query"]))
+    assert_untouched(model)
+
+
+@pytest.mark.parametrize(
+    "selection, message",
+    [
+        ({"layer.0.attention.self.query": [4]}, r"block ids must lie in 0\.\.3 .* got \[4\]"),
+        ({"layer.0.intermediate.dense": [0, 3]}, r"block ids must lie in 0\.\.2 .* got \[3\]"),
+        ({"layer.0.attention.self.query": [1, 1]}, r"`block_selection\['layer.0.attention.self.query'\]` block ids "
+                                                   r"must be unique, got \[1, 1\]"),
+        ({"query": [-1]}, r"must be non-negative integers, got \[-1\]"),
+        ({"layer.9.attention.self.query": [0]}, r"`block_selection` key 'layer.9.attention.self.query' matches no "
+                                                r"target module"),
+        ({"query": "0"}, r"`block_selection\['query'\]` must be a list of block ids, got '0'"),
+    ],
+)
+def test_bad_block_selection(selection, message):
+    model = bert()
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(model, MFTCConfig(block_selection=selection))
+    assert_untouched(model)
+
+
+@pytest.mark.parametrize("value", [0, -32, 2.5, True])
+def test_block_size_must_be_positive_int(value):
+    with pytest.raises(ValueError, match=rf"`block_size` must be a positive integer, got {value!r}"):
+        MFTCConfig(block_size=value)
+
+
+@pytest.mark.parametrize("field, value", [("block_axis", "rows"), ("bias", "lora_only")])
+def test_choices(field, value):
+    with pytest.raises(ValueError, match=rf"`{field}` must be one of .*got '{value}'"):
+        MFTCConfig(**{field: value})
+
+
+def test_seed_must_be_int():
+    with pytest.raises(ValueError, match=r"`seed` must be an integer, got '1'"):
+        MFTCConfig(seed="1")
+
+
+def test_adapter_onto_base_with_other_shapes(tmp_path):
+    from peft import PeftModel
+
+    case = CASES_BY_NAME["odd_mlp"]
+    model = get_peft_model(case.model(), MFTCConfig(**copy.deepcopy(case.config_kwargs), init_weights=False))
+    model.save_pretrained(tmp_path)
+
+    class WiderMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(24, 45)
+            self.fc2 = nn.Linear(45, 7)
+
+        def forward(self, x):
+            return self.fc2(self.fc1(x))
+
+    with pytest.raises(ValueError, match=r"fc1 has a weight of 45 x 24 .*base model whose shapes differ"):
+        PeftModel.from_pretrained(WiderMLP(), tmp_path)
+
+    class NarrowerMLP(WiderMLP):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(20, 30)
+            self.fc2 = nn.Linear(30, 7)
+
+    with pytest.raises(ValueError, match=r"block ids must lie in 0\.\.1 .*got \[2\]"):
+        PeftModel.from_pretrained(NarrowerMLP(), tmp_path)
+
+
+def test_set_block_selection_validates_before_changing_anything():
+    case = CASES_BY_NAME["bert"]
+    model = get_peft_model(case.model(), MFTCConfig(**copy.deepcopy(case.config_kwargs)))
+    before = model.base_model.block_selection()
+    with pytest.raises(ValueError, match=r"`selection\['bert.encoder.layer.0.attention.self.key'\]` block ids must"):
+        model.base_model.set_block_selection(
+            {"bert.encoder.layer.0.attention.self.query": [0], "bert.encoder.layer.0.attention.self.key": [9]}
+        )
+    with pytest.raises(ValueError, match=r"`selection` names modules without an MFTC layer: \['bert.pooler'\]"):
+        model.base_model.set_block_selection({"bert.pooler": [0]})
+    assert model.base_model.block_selection() == before
+
+
+def test_unsupported_peft_version(monkeypatch):
+    from mftc_peft import _compat
+
+    monkeypatch.setattr(_compat, "version", lambda name: "0.17.1")
+    with pytest.raises(ImportError, match=r"mftc-peft supports peft>=0.21.0,<0.22.0 .* but peft 0.17.1 is installed"):
+        _compat.check_peft_version()
+
+
+def test_block_ids_accept_numpy_and_torch_integers():
+    import numpy as np
+
+    config = MFTCConfig(block_selection={"query": [np.int64(1), torch.tensor(2)]})
+    assert config.block_selection == {"query": [1, 2]}
+    assert all(type(i) is int for i in config.block_selection["query"])

@@ -1,0 +1,192 @@
+"""Warm-up end to end on tiny models: budget, determinism, failure safety, reload, report."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model
+from safetensors.torch import load_file
+from tiny_models import CASES_BY_NAME, VOCAB, outputs
+
+import mftc_peft
+from mftc_peft import MFTCConfig, MFTCLayer, WarmupReport
+
+TESTS_DIR = Path(__file__).parent
+WARMUP = dict(warmup_steps=6, dsca_every=2, n_clusters=4, embed_dim=6)
+
+
+def token_batches(n, *, labels=3, seed=0, causal=False):
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        ids = torch.randint(0, VOCAB, (8, 9), generator=generator)
+        batches.append({"input_ids": ids, "labels": ids.clone() if causal else torch.randint(0, labels, (8,),
+                                                                                           generator=generator)})
+    return batches
+
+
+def warm_model(case_name="bert", **overrides):
+    case = CASES_BY_NAME[case_name]
+    task = case.config_kwargs["task_type"]
+    config = MFTCConfig(task_type=task, **{**WARMUP, "budget": 0.1, **overrides})
+    return case, get_peft_model(case.model(), config)
+
+
+def state(model):
+    """Everything a failed warm-up must leave unchanged."""
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "selection": copy.deepcopy(model.peft_config["default"].block_selection),
+        "hooks": sum(len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) for p in model.parameters()),
+    }
+
+
+def assert_same_state(before, after):
+    assert before["params"].keys() == after["params"].keys()
+    assert all(torch.equal(before["params"][n], after["params"][n]) for n in before["params"])
+    assert before["requires_grad"] == after["requires_grad"]
+    assert all(
+        (before["grads"][n] is None and after["grads"][n] is None) or torch.equal(before["grads"][n], after["grads"][n])
+        for n in before["grads"]
+    )
+    assert before["training"] == after["training"]
+    assert before["selection"] == after["selection"]
+    assert before["hooks"] == after["hooks"] == 0
+
+
+@pytest.mark.parametrize("case_name", ["bert", "gpt2", "llama_gqa"])
+def test_warmup_selects_within_budget_and_trains(case_name):
+    case, model = warm_model(case_name)
+    causal = case_name != "bert"
+    report = mftc_peft.warmup(model, token_batches(6, causal=causal), progress=False)
+    assert 0 < report.trainable_elements <= report.budget_elements
+    assert report.budget_elements == int(0.1 * report.target_elements)
+    trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "mftc_delta" in n)
+    assert trainable == report.trainable_elements
+    assert model.peft_config["default"].block_selection == report.selection
+    assert model.base_model.block_selection() == report.selection
+    # the base weights are frozen again and the model is back in its mode
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "base_layer" in n)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    before = outputs(model, case.inputs()).detach()
+    model.train()
+    model(**token_batches(1, causal=causal, seed=5)[0]).loss.backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        assert not torch.equal(outputs(model, case.inputs()), before)
+
+
+def test_int_budget_is_a_count():
+    _, model = warm_model(budget=3000)
+    report = mftc_peft.warmup(model, token_batches(6), progress=False)
+    assert report.budget_elements == 3000
+    assert 0 < report.trainable_elements <= 3000
+
+
+def test_same_seed_same_selection_and_seed_matters_through_the_config():
+    selections = []
+    for _ in range(2):
+        _, model = warm_model(seed=3)
+        selections.append(mftc_peft.warmup(model, token_batches(6), progress=False).selection)
+    assert selections[0] == selections[1]
+
+
+def test_failure_mid_warmup_leaves_model_bit_identical(monkeypatch):
+    case, model = warm_model()
+    model.train()
+    before = state(model)
+    warmup_module = importlib.import_module("mftc_peft.warmup")  # the package attribute is the function
+
+    def exploding_probe(*args, **kwargs):
+        raise RuntimeError("injected failure in the probe stage")
+
+    monkeypatch.setattr(warmup_module, "_probe", exploding_probe)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        mftc_peft.warmup(model, token_batches(6), progress=False)
+    assert_same_state(before, state(model))
+
+
+def test_failure_in_a_backward_pass_leaves_model_bit_identical():
+    _, model = warm_model()
+    before = state(model)
+    calls = {"n": 0}
+
+    def loss_that_fails(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("injected failure in micro-batch 4")
+        return model(**batch).loss
+
+    with pytest.raises(RuntimeError, match="micro-batch 4"):
+        mftc_peft.warmup(model, token_batches(6), compute_loss=loss_that_fails, progress=False)
+    assert_same_state(before, state(model))
+
+
+def test_warmup_then_save_and_reload_in_fresh_process(tmp_path):
+    case, model = warm_model()
+    mftc_peft.warmup(model, token_batches(6), progress=False)
+    with torch.no_grad():  # non-zero deltas, so the reload can fail
+        for module in model.modules():
+            if isinstance(module, MFTCLayer):
+                module.mftc_delta["default"].normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        expected = outputs(model.eval(), case.inputs())
+    model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["block_selection"] == model.peft_config["default"].block_selection
+    out = tmp_path / "logits.safetensors"
+    subprocess.run(
+        [sys.executable, str(TESTS_DIR / "reload_in_fresh_process.py"), "bert", str(tmp_path / "adapter"), str(out)],
+        check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert torch.equal(load_file(out)["logits"], expected)
+
+
+@pytest.mark.parametrize("probe", ["finetune", "regression"])
+def test_training_probes_drive_the_selection(probe):
+    _, model = warm_model(probe=probe, probe_steps=1, probe_repeats=1, max_candidates=2, warmup_steps=4)
+    report = mftc_peft.warmup(model, token_batches(4), eval_dataloader=token_batches(2, seed=9), progress=False)
+    assert report.trainable_elements <= report.budget_elements
+    assert report.timings["probe"] > 0
+
+
+def test_report_json_round_trip_and_plots(tmp_path):
+    _, model = warm_model()
+    report = mftc_peft.warmup(model, token_batches(6), progress=False)
+    assert set(report.timings) >= {"signatures", "dsca", "probe", "search", "inject", "total"}
+    assert report.solver["gap"] >= 0 and report.solver["objective"] <= report.solver["bound"] + 1e-12
+    assert len(report.nodes) == len(report.labels) == len(report.diagnostics["node_layers"])
+    path = report.to_json(tmp_path / "report.json")
+    again = WarmupReport.from_json(path)
+    assert again.selection == report.selection and again.trainable_elements == report.trainable_elements
+    written = report.plot(tmp_path / "plots")
+    assert {p.name for p in written} >= {"module_map.png", "laplacian_spectrum.png", "trainable_per_layer.png"}
+    assert all(p.stat().st_size > 1000 for p in written)
+    graph = report.block_graph()
+    assert graph.affinity.shape == (len(report.nodes), len(report.nodes))
+    with pytest.raises(ValueError, match="holds no block graph"):
+        again.block_graph()
+
+
+def test_warmup_refuses_a_model_without_mftc():
+    with pytest.raises(TypeError, match="`peft_model` must be a PEFT model with an MFTC adapter"):
+        mftc_peft.warmup(torch.nn.Linear(2, 2), [])
+
+
+def test_empty_dataloader_is_an_error_and_harmless():
+    _, model = warm_model()
+    before = state(model)
+    with pytest.raises(ValueError, match="`train_dataloader` yielded no batch"):
+        mftc_peft.warmup(model, [], progress=False)
+    assert_same_state(before, state(model))
