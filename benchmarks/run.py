@@ -22,6 +22,8 @@ import math
 import os
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # an accidental hub lookup must fail fast
@@ -44,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of <profile>.jsonl")
     parser.add_argument("--resume", action="store_true", help="skip runs that already have an 'ok' line")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="runs at a time, each in its own subprocess (for a GPU machine with many cores); the "
+                             "runs of one stage overlap, so their wall times are measured under contention")
     parser.add_argument("--in-process", action="store_true",
                         help="run everything in this process (faster start; peak memory is then cumulative)")
     parser.add_argument("--no-report", action="store_true", help="do not regenerate the table and plots at the end")
@@ -51,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.profile = "smoke"
+    if args.workers < 1 or (args.workers > 1 and args.in_process):
+        parser.error(f"`--workers` must be >= 1, and 1 with --in-process, got {args.workers}")
     return args
 
 
@@ -100,6 +107,7 @@ class Runner:
         self.args, self.path = args, path
         self.done = load_done(path) if args.resume else {}
         self.mftc_counts: dict[tuple, int] = {}
+        self._lock = threading.Lock()  # several runs may finish at once (--workers)
 
     def __call__(self, spec: dict) -> dict:
         from harness.methods import MATCHED_TO_MFTC
@@ -111,12 +119,20 @@ class Runner:
         record = self.done.get(_key(spec))
         if record is None:
             record = execute(spec, in_process=self.args.in_process)
-            with self.path.open("a") as handle:
+            with self._lock, self.path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
-        if spec["method"] == "mftc" and record.get("status") == "ok":
-            self.mftc_counts[(spec["task"], spec["seed"])] = record["trainable_params_no_head"]
-        _log(record)
+        with self._lock:
+            if spec["method"] == "mftc" and record.get("status") == "ok":
+                self.mftc_counts[(spec["task"], spec["seed"])] = record["trainable_params_no_head"]
+            _log(record)
         return record
+
+    def stage(self, specs: list[dict]) -> list[dict]:
+        """Run `specs` (none depending on another) `--workers` at a time; records in the order of `specs`."""
+        if self.args.workers == 1:
+            return [self(spec) for spec in specs]
+        with ThreadPoolExecutor(self.args.workers) as pool:
+            return list(pool.map(self, specs))
 
 
 def _log(record: dict) -> None:
@@ -139,24 +155,30 @@ def _score(record: dict) -> tuple[float, float]:
 
 
 def run_task(task_name: str, methods: list[str], seeds: list[int], profile, args, runner: Runner) -> None:
-    from harness.methods import lora_budget
+    """Sweep (first seed, validation split), then every seed on the test split with each method's pick.
+
+    Each phase runs in two stages: MFTC and the methods that do not depend on it, then the ablations, which are
+    matched to MFTC's trainable count for the same seed. Within a stage runs are independent (`--workers`).
+    """
+    from harness.methods import MATCHED_TO_MFTC, lora_budget
     from harness.tasks import make_task
 
     budget = lora_budget(make_task(task_name, profile.settings[task_name], tiny=profile.tiny_models))
     base = {"profile": profile.name, "task": task_name, "device": args.device, "lora_budget": budget}
-    picks = {}
-    for method in methods:
-        grid = profile.lr_grid(task_name, method)
-        if not profile.sweep:
-            picks[method] = grid[0]
-            continue
-        records = [runner(base | {"phase": "sweep", "method": method, "seed": seeds[0], "lr": lr, "lr_swept": True})
-                   for lr in grid]
-        picks[method] = max(records, key=_score)["lr"]
-    for seed in seeds:
-        for method in methods:
-            runner(base | {"phase": "test", "method": method, "seed": seed, "lr": picks[method],
-                           "lr_swept": profile.sweep})
+    first = [m for m in methods if m not in MATCHED_TO_MFTC]
+    matched = [m for m in methods if m in MATCHED_TO_MFTC]
+    picks = {m: profile.lr_grid(task_name, m)[0] for m in methods}
+    if profile.sweep:
+        sweeps = {}
+        for group in (first, matched):
+            specs = [base | {"phase": "sweep", "method": m, "seed": seeds[0], "lr": lr, "lr_swept": True}
+                     for m in group for lr in profile.lr_grid(task_name, m)]
+            for spec, record in zip(specs, runner.stage(specs)):
+                sweeps.setdefault(spec["method"], []).append(record)
+        picks = {m: max(records, key=_score)["lr"] for m, records in sweeps.items()}
+    for group in (first, matched):
+        runner.stage([base | {"phase": "test", "method": m, "seed": seed, "lr": picks[m], "lr_swept": profile.sweep}
+                      for seed in seeds for m in group])
 
 
 def main(argv=None) -> None:

@@ -1,5 +1,6 @@
 """Run under `torchrun --nproc_per_node=2`: each rank warms up on its own batches, then takes one DDP step."""
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -41,6 +42,11 @@ def main(out_dir: str) -> None:
     result = {"selection": report.selection, "changed": changed,
               "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    # Free DDP's reducer while the process group is alive: torch's gloo group can deadlock when its last reference
+    # dies in the reducer's destructor at interpreter exit (a worker thread waits for the GIL the main thread holds).
+    dist.barrier()
+    del ddp, optimizer
+    gc.collect()
     dist.destroy_process_group()
 
 

@@ -14,7 +14,7 @@ def test_two_ranks_select_identical_blocks_and_train(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(TESTS_DIR / "ddp_worker.py"), str(tmp_path)],
-        check=True, env=env, timeout=300,
+        check=True, env=env, timeout=180,
     )
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["selection"] and ranks[0]["selection"] == ranks[1]["selection"]
