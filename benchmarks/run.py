@@ -178,7 +178,7 @@ def run_task(task_name: str, methods: list[str], seeds: list[int], profile, args
         picks = {m: max(records, key=_score)["lr"] for m, records in sweeps.items()}
     for group in (first, matched):
         runner.stage([base | {"phase": "test", "method": m, "seed": seed, "lr": picks[m], "lr_swept": profile.sweep}
-                      for seed in seeds for m in group])
+                      for seed in seeds for m in group if seed in profile.seeds_for(m, seeds)])
 
 
 def main(argv=None) -> None:

@@ -24,6 +24,13 @@ LM_LR_GRID = {
     "full": (1e-5, 3e-5, 1e-4),
     "bias": (1e-3, 3e-3, 1e-2),
 }
+# CPU profile: two learning rates per method around the protocol's reference picks (fewer steps than the protocol's
+# 3 epochs, so the higher of the two is the step up); the secondary peers and ablations run with one seed.
+CPU_LR_GRID = {
+    **{m: (2e-3, 5e-3) for m in _BLOCK_METHODS + ("lora", "adalora", "shira", "adamss")},
+    "pissa": (1e-3, 2e-3), "full": (1e-4, 2e-4), "bias": (3e-3, 1e-2),
+}
+CPU_HEADLINE = ("mftc", "lora", "adalora", "pissa", "random_blocks", "top_energy")
 # Quick profile: one fixed learning rate per method (from the protocol's reference measurements where there is one).
 QUICK_LR = {
     **{m: 2e-3 for m in _BLOCK_METHODS + ("lora", "adalora", "shira", "adamss")},
@@ -57,11 +64,18 @@ class Profile:
     tasks: tuple[str, ...]
     settings: dict[str, TaskSettings] = field(default_factory=dict)
     tiny_models: bool = False  # random tiny models and data (smoke)
+    headline: tuple[str, ...] | None = None  # methods run with every seed (None: all); the rest with the first only
+    lr_grids: dict | None = None  # per-method sweep grids (None: the full profile's)
 
     def lr_grid(self, task: str, method: str) -> tuple[float, ...]:
         if not self.sweep:
             return (QUICK_LR[method],)
+        if self.lr_grids is not None:
+            return self.lr_grids[method]
         return (CLS_LR_GRID if task == "cls" else LM_LR_GRID)[method]
+
+    def seeds_for(self, method: str, seeds: list[int]) -> list[int]:
+        return seeds if self.headline is None or method in self.headline else seeds[:1]
 
 
 PROFILES = {
@@ -73,6 +87,16 @@ PROFILES = {
             # Hamlet: acts I-IV cut into 336 chunks of 128 tokens, 30 held out for the sweep (306 train); act V
             # (77 chunks, 9,856 tokens) is the test text. 120 steps of batch 8 = about 3.1 passes over the chunks.
             "lm": TaskSettings(n_train=None, n_val=30, n_test=None, batch_size=8, steps=120, max_length=128),
+        },
+    ),
+    "cpu": Profile(
+        # What 2 CPU cores can do in about an hour: the protocol's test set and sweep, a smaller training set and 2
+        # epochs, 3 seeds for MFTC, LoRA, AdaLoRA, PiSSA and the two block baselines, 1 seed for the rest.
+        name="cpu", seeds=3, sweep=True, methods=ALL_METHODS, tasks=("cls",), headline=CPU_HEADLINE,
+        lr_grids=CPU_LR_GRID,
+        settings={
+            "cls": TaskSettings(n_train=1200, n_val=200, n_test=1000, batch_size=32, epochs=2, max_length=64),
+            "lm": TaskSettings(n_train=None, n_val=30, n_test=None, batch_size=8, steps=40, max_length=128),
         },
     ),
     "quick": Profile(

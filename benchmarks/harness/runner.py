@@ -17,7 +17,7 @@ from mftc_peft.training_utils import iterate_batches
 from .measures import adapter_bytes, device_name, peak_memory, trainable_counts, versions
 from .methods import Context, Skip, build
 from .profiles import PROFILES
-from .tasks import make_task
+from .tasks import make_task, trim_padding
 from .training import train
 
 WARMUP_SEED_OFFSET = 10_000  # warm-up batches: their own seeded stream, the same for MFTC and every ablation
@@ -53,13 +53,14 @@ def _run(spec: dict, task, device: torch.device) -> dict:
     ctx = Context(
         task=task, seed=seed, steps=steps, device=device, lora_budget=spec["lora_budget"],
         match_budget=spec["match_budget"],
-        warmup_batches=lambda: iterate_batches(splits.train, bs, seed=WARMUP_SEED_OFFSET + seed, epochs=None),
+        warmup_batches=lambda: map(trim_padding, iterate_batches(splits.train, bs, seed=WARMUP_SEED_OFFSET + seed,
+                                                                 epochs=None)),
     )
     built = build(spec["method"], task.load_model(seed), ctx)
     total, no_head = trainable_counts(built.model, task.is_head)
     torch.manual_seed(seed)  # dropout masks: the same stream for every method of a seed
-    result = train(built.model, iterate_batches(splits.train, bs, seed=seed, epochs=None), lr=spec["lr"],
-                   steps=steps, hooks=built.hooks, device=device)
+    train_batches = map(trim_padding, iterate_batches(splits.train, bs, seed=seed, epochs=None))
+    result = train(built.model, train_batches, lr=spec["lr"], steps=steps, hooks=built.hooks, device=device)
     split = "val" if spec["phase"] == "sweep" else "test"
     start = time.perf_counter()
     metrics = task.evaluate(built.model, getattr(splits, split), device)

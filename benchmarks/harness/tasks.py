@@ -27,6 +27,19 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 _TINY_VOCAB = 128
 
 
+def trim_padding(batch: dict) -> dict:
+    """Drop the padding columns no example of a right-padded batch uses (exact: masked keys add nothing); ~20% of
+    the tokens of a Rotten Tomatoes batch padded to 64."""
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return batch
+    length = max(int(mask.sum(dim=1).max()), 1)
+    if int(mask[:, :length].sum()) != int(mask.sum()):  # left padding: leave it alone
+        return batch
+    width = mask.shape[1]
+    return {k: v[:, :length] if v.dim() == 2 and v.shape[1] == width else v for k, v in batch.items()}
+
+
 @dataclass
 class Splits:
     train: dict  # tensors of the examples the methods train on (the validation split removed)
@@ -57,7 +70,8 @@ class Task:
         raise NotImplementedError
 
     def evaluate(self, model, data: dict, device) -> dict:
-        batches = [{k: v.to(device) for k, v in b.items()} for b in make_batches(data, self.settings.batch_size)]
+        batches = [{k: v.to(device) for k, v in trim_padding(b).items()}
+                   for b in make_batches(data, self.settings.batch_size)]
         loss, accuracy = evaluate(model, batches)
         return self._metrics(loss, accuracy)
 
