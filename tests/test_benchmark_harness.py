@@ -84,3 +84,23 @@ def test_subprocess_runs_language_modelling_and_records_skips(tmp_path):
     assert records["mftc"]["status"] == "ok" and records["lora"]["status"] == "ok"
     assert records["mftc"]["test_perplexity"] > 1
     assert records["bias"]["status"] == "skipped" and "no bias" in records["bias"]["reason"]
+
+
+def test_trim_padding_is_exact_and_leaves_left_padding_alone():
+    import torch
+    from tiny_models import CASES_BY_NAME
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from harness.tasks import trim_padding
+
+    model = CASES_BY_NAME["bert"].model().eval()
+    ids = torch.randint(1, 50, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[0, 6:], mask[1, 4:], mask[2, 7:] = 0, 0, 0  # right padding: the longest example uses 7 columns
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 2])}
+    trimmed = trim_padding(batch)
+    assert trimmed["input_ids"].shape == (3, 7) and torch.equal(trimmed["labels"], batch["labels"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**trimmed).logits, model(**batch).logits, atol=1e-5, rtol=1e-5)
+    left = {"input_ids": ids, "attention_mask": mask.flip(1)}
+    assert trim_padding(left)["input_ids"].shape == (3, 10)
