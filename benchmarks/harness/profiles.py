@@ -27,8 +27,13 @@ LM_LR_GRID = {
 # CPU profile: two learning rates per method around the protocol's reference picks (fewer steps than the protocol's
 # 3 epochs, so the higher of the two is the step up); the secondary peers and ablations run with one seed.
 CPU_LR_GRID = {
-    **{m: (2e-3, 5e-3) for m in _BLOCK_METHODS + ("lora", "adalora", "shira", "adamss")},
-    "pissa": (1e-3, 2e-3), "full": (1e-4, 2e-4), "bias": (3e-3, 1e-2),
+    "cls": {
+        **{m: (2e-3, 5e-3) for m in _BLOCK_METHODS + ("lora", "adalora", "shira", "adamss")},
+        "pissa": (1e-3, 2e-3), "full": (1e-4, 2e-4), "bias": (3e-3, 1e-2),
+    },
+    # Language modelling: the middle of the full profile's grid, the same two points for every adapter method.
+    "lm": {**{m: (3e-4, 1e-3) for m in _BLOCK_METHODS + _LOW_RANK_METHODS}, "full": (3e-5, 1e-4),
+           "bias": (3e-3, 1e-2)},
 }
 CPU_HEADLINE = ("mftc", "lora", "adalora", "pissa", "random_blocks", "top_energy")
 # Quick profile: one fixed learning rate per method (from the protocol's reference measurements where there is one).
@@ -65,13 +70,13 @@ class Profile:
     settings: dict[str, TaskSettings] = field(default_factory=dict)
     tiny_models: bool = False  # random tiny models and data (smoke)
     headline: tuple[str, ...] | None = None  # methods run with every seed (None: all); the rest with the first only
-    lr_grids: dict | None = None  # per-method sweep grids (None: the full profile's)
+    lr_grids: dict | None = None  # per-task, per-method sweep grids (None: the full profile's)
 
     def lr_grid(self, task: str, method: str) -> tuple[float, ...]:
         if not self.sweep:
             return (QUICK_LR[method],)
         if self.lr_grids is not None:
-            return self.lr_grids[method]
+            return self.lr_grids[task][method]
         return (CLS_LR_GRID if task == "cls" else LM_LR_GRID)[method]
 
     def seeds_for(self, method: str, seeds: list[int]) -> list[int]:
@@ -96,7 +101,8 @@ PROFILES = {
         lr_grids=CPU_LR_GRID,
         settings={
             "cls": TaskSettings(n_train=1200, n_val=200, n_test=1000, batch_size=32, epochs=2, max_length=64),
-            "lm": TaskSettings(n_train=None, n_val=30, n_test=None, batch_size=8, steps=40, max_length=128),
+            "lm": TaskSettings(n_train=None, n_val=30, n_test=None, batch_size=8, steps=40, max_length=128,
+                               warmup_steps=8),
         },
     ),
     "quick": Profile(
