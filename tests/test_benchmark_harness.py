@@ -104,3 +104,25 @@ def test_trim_padding_is_exact_and_leaves_left_padding_alone():
         torch.testing.assert_close(model(**trimmed).logits, model(**batch).logits, atol=1e-5, rtol=1e-5)
     left = {"input_ids": ids, "attention_mask": mask.flip(1)}
     assert trim_padding(left)["input_ids"].shape == (3, 10)
+
+
+def test_parallel_workers_run_ablations_after_mftc(tmp_path):
+    # With two workers the ablation must still wait for MFTC's run of the same seed and match its count.
+    command = [sys.executable, str(BENCHMARKS / "run.py"), "--smoke", "--methods", "random_blocks,mftc,lora",
+               "--workers", "2", "--device", "cpu", "--out", str(tmp_path), "--no-report"]
+    subprocess.run(command, check=True, capture_output=True, env=os.environ | {"HF_HUB_OFFLINE": "1"}, timeout=300)
+    records = _records(tmp_path / "smoke.jsonl")
+    assert {r["status"] for r in records.values()} == {"ok"}
+    assert records["random_blocks"]["budget_source"] == "mftc"
+    mftc = records["mftc"]["trainable_params_no_head"]
+    assert mftc - MAX_BLOCK < records["random_blocks"]["trainable_params_no_head"] <= mftc
+
+
+def test_cpu_profile_runs_secondary_methods_with_one_seed():
+    sys.path.insert(0, str(BENCHMARKS))
+    from harness.profiles import PROFILES
+
+    cpu = PROFILES["cpu"]
+    assert cpu.seeds_for("mftc", [0, 1, 2]) == [0, 1, 2] and cpu.seeds_for("shira", [0, 1, 2]) == [0]
+    assert cpu.lr_grid("cls", "lora") != cpu.lr_grid("lm", "lora")
+    assert PROFILES["full"].seeds_for("shira", [0, 1, 2]) == [0, 1, 2]
