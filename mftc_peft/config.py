@@ -135,6 +135,13 @@ class MFTCConfig(PeftConfig):
     max_candidates: int = field(
         default=8, metadata={"help": "Candidate modules per node (besides 'none'), ranked by gradient energy."}
     )
+    max_node_share: float = field(
+        default=2.0,
+        metadata={
+            "help": "Most of the budget one search node may take, as a multiple of its fair share (budget / nodes): "
+            "candidates are offered truncated to their highest-energy blocks at 0.5x, 1x, ... up to this multiple."
+        },
+    )
     probe: str = field(
         default="taylor",
         metadata={
@@ -199,6 +206,7 @@ class MFTCConfig(PeftConfig):
                 f"`node_grouping` must be one of {NODE_GROUPINGS} or a positive integer, got {self.node_grouping!r}"
             )
         _check_range("ema_decay", self.ema_decay, 0.0, 1.0, "in [0, 1)")
+        _check_range("max_node_share", self.max_node_share, 0.5, float("inf"), "a number >= 0.5")
         _check_range("spectral_filter", self.spectral_filter, 0.0, 1.0, "in [0, 1)")
         _check_range("spectral_reg", self.spectral_reg, 0.0, float("inf"), "a number >= 0")
         _check_range("confidence", self.confidence, 0.0, float("inf"), "a number >= 0")

@@ -50,6 +50,7 @@ __all__ = [
     "predictor_fidelity",
     "sample_architectures",
     "select_candidates",
+    "share_levels_up_to",
 ]
 
 GROUPINGS = ("layer", "module")
@@ -182,6 +183,11 @@ class SearchSpace:
 
 # Truncation sizes offered per module, as multiples of a node's fair share of the budget.
 SHARE_LEVELS = (0.5, 1.0, 2.0)
+
+
+def share_levels_up_to(max_share: float) -> tuple[float, ...]:
+    """The standard truncation levels below `max_share`, and `max_share` itself (the most one node may take)."""
+    return tuple(sorted({level for level in SHARE_LEVELS if level < max_share} | {float(max_share)}))
 
 
 def build_search_space(

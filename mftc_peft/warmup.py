@@ -24,7 +24,7 @@ from .model import mftc_tuner
 from .dsca import DynamicSpectralClustering
 from .probes_finetune import finetune_probe, preserved_state, regression_probe
 from .probes import gradient_projections, taylor_probe
-from .search import BlockTable, build_search_space, layer_index
+from .search import BlockTable, build_search_space, layer_index, share_levels_up_to
 from .predictor import AdditiveModel, models_from_probes
 from .selection import select_candidates
 from .signatures import SignatureCollector
@@ -148,7 +148,8 @@ def compute_selection(
         table = _block_table(grids, nodes, collector.block_energy())
         library = [module.nodes.tolist() for module in dsca.modules_]
         space = build_search_space(
-            library, table, grouping=config.node_grouping, max_candidates=config.max_candidates, budget=budget
+            library, table, grouping=config.node_grouping, max_candidates=config.max_candidates, budget=budget,
+            share_levels=share_levels_up_to(config.max_node_share),
         )
         gain_model, loss_model = _probe(
             peft_model, space, collector, train_batches, eval_batches, config, seeds, compute_loss, progress,

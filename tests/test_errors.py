@@ -66,6 +66,12 @@ def test_choices(field, value):
         MFTCConfig(**{field: value})
 
 
+@pytest.mark.parametrize("value", [0.25, -1.0, "2", True])
+def test_max_node_share_must_be_at_least_half(value):
+    with pytest.raises(ValueError, match=rf"`max_node_share` must be a number >= 0.5, got {value!r}"):
+        MFTCConfig(max_node_share=value)
+
+
 def test_seed_must_be_int():
     with pytest.raises(ValueError, match=r"`seed` must be an integer, got '1'"):
         MFTCConfig(seed="1")

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from mftc_peft.search import SHARE_LEVELS, BlockTable, build_search_space
+from mftc_peft.search import SHARE_LEVELS, BlockTable, build_search_space, share_levels_up_to
 
 
 def table_of(layers=4, blocks_per_layer=10, size=100):
@@ -33,3 +33,13 @@ def test_without_budget_modules_are_offered_whole():
     table = table_of()
     space = build_search_space([list(range(len(table)))], table)
     assert [c.size for node in space.nodes for c in node.candidates[1:]] == [1000] * 4
+
+
+def test_share_levels_up_to_caps_the_largest_truncation():
+    assert share_levels_up_to(2.0) == SHARE_LEVELS
+    assert share_levels_up_to(1.0) == (0.5, 1.0)
+    assert share_levels_up_to(1.5) == (0.5, 1.0, 1.5)
+    assert share_levels_up_to(0.5) == (0.5,)
+    table = table_of()
+    space = build_search_space([list(range(len(table)))], table, budget=1200, share_levels=share_levels_up_to(1.0))
+    assert {c.size for node in space.nodes for c in node.candidates[1:]} == {100, 300}  # caps 150 and 300

@@ -43,6 +43,7 @@ class Context:
     lora_budget: int
     match_budget: int
     warmup_batches: Callable  # () -> a fresh iterator over the seed's warm-up batches (the same for every method)
+    mftc_overrides: dict = field(default_factory=dict)  # MFTCConfig fields for MFTC and its ablations (studies)
 
 
 @dataclass
@@ -170,8 +171,8 @@ def build_bias(model, ctx):
 
 
 def _mftc_model(model, ctx, **extra):
-    config = MFTCConfig(task_type=ctx.task.task_type, target_modules=ctx.task.targets, seed=ctx.seed,
-                        warmup_steps=ctx.task.settings.warmup_steps, **extra)
+    fields = {"warmup_steps": ctx.task.settings.warmup_steps} | ctx.mftc_overrides | extra
+    config = MFTCConfig(task_type=ctx.task.task_type, target_modules=ctx.task.targets, seed=ctx.seed, **fields)
     return _timed_peft(model.to(ctx.device), config)
 
 
@@ -254,11 +255,29 @@ def build_mftc_no_cluster(model, ctx):
     return _ablation(model, ctx, _measured(ctx, select, uses_dsca=False))
 
 
+def build_cluster_round_robin(model, ctx):
+    select = lambda m, _: selections.round_robin_selection(m, ctx.match_budget)  # noqa: E731
+    return _ablation(model, ctx, _measured(ctx, select, uses_dsca=True))
+
+
+def build_cluster_random(model, ctx):
+    select = lambda m, _: selections.round_robin_selection(m, ctx.match_budget, seed=ctx.seed)  # noqa: E731
+    return _ablation(model, ctx, _measured(ctx, select, uses_dsca=True))
+
+
+def build_bottom_energy(model, ctx):
+    select = lambda m, _: selections.bottom_energy_selection(m, ctx.match_budget)  # noqa: E731
+    return _ablation(model, ctx, _measured(ctx, select, uses_dsca=False))
+
+
 BUILDERS = {
     "mftc": build_mftc, "lora": build_lora, "adalora": build_adalora, "pissa": build_pissa, "shira": build_shira,
     "adamss": build_adamss, "full": build_full, "bias": build_bias, "random_blocks": build_random_blocks,
     "top_energy": build_top_energy, "mftc_no_search": build_mftc_no_search, "mftc_no_cluster": build_mftc_no_cluster,
     "mftc_spectral": build_mftc_spectral,
+    # selection-study baselines (benchmarks/selection_study.py), not in the profiles
+    "cluster_round_robin": build_cluster_round_robin, "cluster_random": build_cluster_random,
+    "bottom_energy": build_bottom_energy,
 }
 MATCHED_TO_MFTC = ("random_blocks", "top_energy", "mftc_no_search", "mftc_no_cluster")
 

@@ -25,7 +25,7 @@ WARMUP_SEED_OFFSET = 10_000  # warm-up batches: their own seeded stream, the sam
 
 def run_one(spec: dict) -> dict:
     """`spec`: profile, phase ('sweep' | 'test'), task, method, seed, lr, lr_swept, device, lora_budget,
-    match_budget, budget_source. Returns the JSON record (status 'ok', 'skipped' or 'failed')."""
+    match_budget, budget_source, and optionally mftc_config (MFTCConfig overrides). Returns the JSON record (status 'ok', 'skipped' or 'failed')."""
     profile = PROFILES[spec["profile"]]
     settings = profile.settings[spec["task"]]
     task = make_task(spec["task"], settings, tiny=profile.tiny_models)
@@ -52,7 +52,7 @@ def _run(spec: dict, task, device: torch.device) -> dict:
     steps = task.steps()
     ctx = Context(
         task=task, seed=seed, steps=steps, device=device, lora_budget=spec["lora_budget"],
-        match_budget=spec["match_budget"],
+        match_budget=spec["match_budget"], mftc_overrides=dict(spec.get("mftc_config") or {}),
         warmup_batches=lambda: map(trim_padding, iterate_batches(splits.train, bs, seed=WARMUP_SEED_OFFSET + seed,
                                                                  epochs=None)),
     )

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from mftc_peft.probes import gradient_projections, preserved_state, taylor_probe
-from mftc_peft.search import BlockTable, build_search_space, models_from_probes, select_candidates
+from mftc_peft.search import (
+    BlockTable, build_search_space, models_from_probes, select_candidates, share_levels_up_to,
+)
 from mftc_peft.warmup import _block_table, _measure, _split_batches, default_loss, stage_seeds
 
 
@@ -99,6 +101,23 @@ def no_search_selection(measurement: Measurement, budget: int) -> dict[str, list
     return _fill(table, rows, budget)
 
 
+def round_robin_selection(measurement: Measurement, budget: int, seed: int | None = None) -> dict[str, list[int]]:
+    """One block per DSCA module in turn (modules by total energy), each module's blocks by energy, or in a seeded
+    random order when `seed` is given: the clusters as redundancy groups, sampled for coverage."""
+    table, rng = measurement.table, None if seed is None else np.random.default_rng(seed)
+    modules = [np.asarray(rows, dtype=np.int64) for rows in measurement.library if len(rows)]
+    modules.sort(key=lambda rows: -float(table.energy[rows].sum()))
+    queues = [m[np.argsort(-table.energy[m], kind="stable")] if rng is None else rng.permutation(m) for m in modules]
+    depth = max((len(q) for q in queues), default=0)
+    rows = [int(q[i]) for i in range(depth) for q in queues if i < len(q)]
+    return _fill(table, list(dict.fromkeys(rows)), budget)
+
+
+def bottom_energy_selection(measurement: Measurement, budget: int) -> dict[str, list[int]]:
+    table = measurement.table
+    return _fill(table, np.argsort(table.energy, kind="stable"), budget)
+
+
 def layer_and_weight_library(table: BlockTable) -> list[list[int]]:
     """Per transformer layer: all its blocks, and the blocks of each of its target weights."""
     library = []
@@ -115,7 +134,7 @@ def no_cluster_selection(measurement: Measurement, budget: int, config) -> dict[
     table = measurement.table
     space = build_search_space(
         layer_and_weight_library(table), table, grouping=config.node_grouping, max_candidates=config.max_candidates,
-        budget=budget,
+        budget=budget, share_levels=share_levels_up_to(config.max_node_share),
     )
     results = taylor_probe(space, measurement.projections, lr=1.0)
     gain, _ = models_from_probes(results, space.n_candidates_per_node, base_accuracy=0.0, base_loss=0.0)
