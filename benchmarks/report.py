@@ -30,8 +30,8 @@ TASK_TITLES = {
 PROFILE_NOTES = {
     "quick": "**Quick profile (CPU, one seed, small subsets, one epoch, fixed learning rates: NOT swept).** It proves "
              "the harness end to end; its numbers are not a comparison of the methods.",
-    "cpu": "**CPU profile (2 CPU cores)**: the protocol's test set (1,000 snippets) and a validation split of 200 for "
-           "a two-point learning-rate sweep per method (first seed), but 1,000 training snippets x 2 epochs instead of "
+    "cpu": "**CPU profile (2 CPU cores)**: a test set of 1,000 snippets and a validation split of 1,000 (the "
+           "protocol holds out 250; 200 could not tell learning rates apart) for a two-point learning-rate sweep per method (first seed), but 1,000 training snippets x 2 epochs instead of "
            "1,750 x 3. MFTC, LoRA, AdaLoRA, PiSSA, random blocks and top-energy blocks run 3 seeds; the other peers "
            "and ablations run the first seed only (their std is then 0 and means little).",
     "smoke": "**Smoke profile: tiny random models and random data.** A test of the harness only.",

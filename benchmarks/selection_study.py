@@ -32,11 +32,16 @@ VARIANTS = {
     "node_share_1.5": ("mftc", {"max_node_share": 1.5}),
     "per_weight_nodes": ("mftc", {"node_grouping": "module"}),
     "per_weight_nodes_share_1": ("mftc", {"node_grouping": "module", "max_node_share": 1.0}),
+    "head_first_16": ("mftc", {"head_warmup_steps": 16}),
+    "head_first_16_lr1e-3": ("mftc", {"head_warmup_steps": 16, "head_warmup_lr": 1e-3}),
+    "head_first_32": ("mftc", {"head_warmup_steps": 32}),
+    "head_first_top_energy": ("top_energy", {"head_warmup_steps": 16}),
     "random_blocks": ("random_blocks", {}),
     "top_energy": ("top_energy", {}),
     "cluster_round_robin": ("cluster_round_robin", {}),
     "cluster_random": ("cluster_random", {}),
     "bottom_energy": ("bottom_energy", {}),
+    "adam_gain": ("adam_gain", {}),
 }
 
 
@@ -47,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     parser.add_argument("--lr", type=float, nargs="+", default=[5e-3], help="learning rates (each variant runs all)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--profile", default="cpu", help="profile whose classification settings are used (tests: smoke)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     bad = [v for v in args.variants.split(",") if v not in VARIANTS]
@@ -56,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def specs(args, lora_budget: int) -> list[dict]:
-    base = {"profile": "cpu", "task": "cls", "device": "cpu", "phase": "sweep", "lr_swept": False,
+    base = {"profile": args.profile, "task": "cls", "device": "cpu", "phase": "sweep", "lr_swept": False,
             "lora_budget": lora_budget, "match_budget": lora_budget, "budget_source": "lora"}
     return [base | {"variant": name, "method": VARIANTS[name][0], "mftc_config": VARIANTS[name][1], "seed": seed,
                     "lr": lr}
@@ -81,7 +87,8 @@ def main(argv=None) -> None:
     from harness.profiles import PROFILES
     from harness.tasks import make_task
 
-    budget = lora_budget(make_task("cls", PROFILES["cpu"].settings["cls"]))
+    profile = PROFILES[args.profile]
+    budget = lora_budget(make_task("cls", profile.settings["cls"], tiny=profile.tiny_models))
     args.out.mkdir(parents=True, exist_ok=True)
     path, lock = args.out / "selection_study.jsonl", threading.Lock()
 

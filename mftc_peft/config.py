@@ -92,6 +92,14 @@ class MFTCConfig(PeftConfig):
     warmup_steps: int = field(
         default=12, metadata={"help": "Micro-batches (forward + backward, no optimiser step) the warm-up measures."}
     )
+    head_warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Optimiser steps that fit a new head (`modules_to_save`) alone before the gradients are measured; "
+            "the head is put back afterwards. Through a random head the gradients point in a random direction."
+        },
+    )
+    head_warmup_lr: float = field(default=1e-2, metadata={"help": "Adam learning rate of those head steps."})
     dsca_every: int = field(
         default=4, metadata={"help": "Update the clustering after every this many warm-up micro-batches."}
     )
@@ -210,6 +218,12 @@ class MFTCConfig(PeftConfig):
         _check_range("spectral_filter", self.spectral_filter, 0.0, 1.0, "in [0, 1)")
         _check_range("spectral_reg", self.spectral_reg, 0.0, float("inf"), "a number >= 0")
         _check_range("confidence", self.confidence, 0.0, float("inf"), "a number >= 0")
+        if not isinstance(self.head_warmup_steps, int) or isinstance(self.head_warmup_steps, bool) or (
+            self.head_warmup_steps < 0
+        ):
+            raise ValueError(f"`head_warmup_steps` must be a non-negative integer, got {self.head_warmup_steps!r}")
+        if not (_is_real(self.head_warmup_lr) and self.head_warmup_lr > 0):
+            raise ValueError(f"`head_warmup_lr` must be a positive number, got {self.head_warmup_lr!r}")
         if not (_is_real(self.probe_lr) and self.probe_lr > 0):
             raise ValueError(f"`probe_lr` must be a positive number, got {self.probe_lr!r}")
         if self.loss_threshold is not None and not _is_real(self.loss_threshold):

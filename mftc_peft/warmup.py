@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .diagnostics import WarmupReport
 from .model import mftc_tuner
 from .dsca import DynamicSpectralClustering
-from .probes_finetune import finetune_probe, preserved_state, regression_probe
+from .probes_finetune import finetune_probe, head_parameters, preserved_state, regression_probe
 from .probes import gradient_projections, taylor_probe
 from .search import BlockTable, build_search_space, layer_index, share_levels_up_to
 from .predictor import AdditiveModel, models_from_probes
@@ -140,6 +140,7 @@ def compute_selection(
     loss_fn = compute_loss or default_loss
 
     train_batches, eval_batches = _split_batches(train_dataloader, eval_dataloader, config, device)
+    _fit_head(peft_model, adapter_name, train_batches, loss_fn, config, timings)
     collector, dsca = _measure(
         peft_model, layers, grids, config, seeds, train_batches, loss_fn, progress, timings
     )
@@ -205,6 +206,31 @@ def _split_batches(train_dataloader, eval_dataloader, config, device) -> tuple[l
         return train, list(_batches(eval_dataloader, n_eval, device))
     batches = list(_batches(train_dataloader, config.warmup_steps + n_eval, device))
     return batches[: config.warmup_steps], batches[config.warmup_steps :]
+
+
+def _fit_head(peft_model, adapter_name, batches, loss_fn, config, timings) -> None:
+    """Fit the adapter's new head (if any) alone for `head_warmup_steps` Adam steps on the warm-up batches.
+
+    A random head sends the blocks a random direction of its input, so their gradients say little about the task;
+    once the head separates the classes they do (the head-first idea of LP-FT, Kumar et al. 2022). The caller's
+    `preserved_state` puts the head back, so training still starts from the user's initialisation.
+    """
+    head = head_parameters(peft_model, adapter_name)
+    if not head or config.head_warmup_steps == 0:
+        return
+    for param in peft_model.parameters():
+        param.requires_grad_(False)
+    for param in head:
+        param.requires_grad_(True)
+    optimizer = torch.optim.Adam(head, lr=config.head_warmup_lr)
+    peft_model.eval()
+    with _timed(timings, "head"):
+        for step in range(config.head_warmup_steps):
+            loss = loss_fn(peft_model, batches[step % len(batches)])
+            if torch.isfinite(loss):
+                loss.backward()
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
 
 def _measure(peft_model, layers, grids, config, seeds, batches, loss_fn, progress, timings):

@@ -72,6 +72,15 @@ def test_max_node_share_must_be_at_least_half(value):
         MFTCConfig(max_node_share=value)
 
 
+@pytest.mark.parametrize("field, value, rule", [
+    ("head_warmup_steps", -1, "a non-negative integer"), ("head_warmup_steps", 2.0, "a non-negative integer"),
+    ("head_warmup_lr", 0.0, "a positive number"), ("head_warmup_lr", "1e-2", "a positive number"),
+])
+def test_head_warmup_fields(field, value, rule):
+    with pytest.raises(ValueError, match=rf"`{field}` must be {rule}, got {value!r}"):
+        MFTCConfig(**{field: value})
+
+
 def test_seed_must_be_int():
     with pytest.raises(ValueError, match=r"`seed` must be an integer, got '1'"):
         MFTCConfig(seed="1")

@@ -190,3 +190,41 @@ def test_empty_dataloader_is_an_error_and_harmless():
     with pytest.raises(ValueError, match="`train_dataloader` yielded no batch"):
         mftc_peft.warmup(model, [], progress=False)
     assert_same_state(before, state(model))
+
+
+def head_weight(model):
+    return next(p for n, p in model.named_parameters() if "modules_to_save" in n and n.endswith("weight"))
+
+
+def test_head_warmup_fits_the_head_for_the_measurement_then_puts_it_back():
+    _, model = warm_model(head_warmup_steps=8, head_warmup_lr=5e-2)
+    initial = head_weight(model).detach().clone()
+    seen = []
+
+    def recording_loss(model, batch):
+        seen.append(head_weight(model).detach().clone())
+        return model(**batch).loss
+
+    report = mftc_peft.warmup(model, token_batches(6), compute_loss=recording_loss, progress=False)
+    assert len(seen) == 8 + WARMUP["warmup_steps"]
+    assert torch.equal(seen[0], initial) and not torch.equal(seen[1], initial)  # one Adam step per head step
+    assert all(torch.equal(w, seen[8]) for w in seen[8:])  # the measurement sees the fitted head, unchanged
+    assert not torch.equal(seen[8], initial)
+    assert torch.equal(head_weight(model), initial)  # and the user's head is back
+    assert report.timings["head"] > 0
+
+
+def test_failure_while_fitting_the_head_leaves_model_bit_identical():
+    _, model = warm_model(head_warmup_steps=8)
+    before = state(model)
+    calls = {"n": 0}
+
+    def loss_that_fails(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected failure in head step 3")
+        return model(**batch).loss
+
+    with pytest.raises(RuntimeError, match="head step 3"):
+        mftc_peft.warmup(model, token_batches(6), compute_loss=loss_that_fails, progress=False)
+    assert_same_state(before, state(model))

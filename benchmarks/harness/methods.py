@@ -265,6 +265,11 @@ def build_cluster_random(model, ctx):
     return _ablation(model, ctx, _measured(ctx, select, uses_dsca=True))
 
 
+def build_adam_gain(model, ctx):
+    select = lambda m, _: selections.adam_gain_selection(m, ctx.match_budget)  # noqa: E731
+    return _ablation(model, ctx, _measured(ctx, select, uses_dsca=False))
+
+
 def build_bottom_energy(model, ctx):
     select = lambda m, _: selections.bottom_energy_selection(m, ctx.match_budget)  # noqa: E731
     return _ablation(model, ctx, _measured(ctx, select, uses_dsca=False))
@@ -277,7 +282,7 @@ BUILDERS = {
     "mftc_spectral": build_mftc_spectral,
     # selection-study baselines (benchmarks/selection_study.py), not in the profiles
     "cluster_round_robin": build_cluster_round_robin, "cluster_random": build_cluster_random,
-    "bottom_energy": build_bottom_energy,
+    "bottom_energy": build_bottom_energy, "adam_gain": build_adam_gain,
 }
 MATCHED_TO_MFTC = ("random_blocks", "top_energy", "mftc_no_search", "mftc_no_cluster")
 

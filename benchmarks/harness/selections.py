@@ -26,7 +26,7 @@ from mftc_peft.probes import gradient_projections, preserved_state, taylor_probe
 from mftc_peft.search import (
     BlockTable, build_search_space, models_from_probes, select_candidates, share_levels_up_to,
 )
-from mftc_peft.warmup import _block_table, _measure, _split_batches, default_loss, stage_seeds
+from mftc_peft.warmup import _block_table, _fit_head, _measure, _split_batches, default_loss, stage_seeds
 
 
 @dataclass
@@ -50,6 +50,7 @@ def measure(peft_model, batches) -> Measurement:
     timings: dict[str, float] = {}
     with preserved_state(peft_model, adapter_name=adapter):
         train_batches, _ = _split_batches(batches, None, config, device)
+        _fit_head(peft_model, adapter, train_batches, default_loss, config, timings)
         collector, dsca = _measure(
             peft_model, layers, grids, config, stage_seeds(config.seed), train_batches, default_loss, False, timings
         )
@@ -111,6 +112,17 @@ def round_robin_selection(measurement: Measurement, budget: int, seed: int | Non
     depth = max((len(q) for q in queues), default=0)
     rows = [int(q[i]) for i in range(depth) for q in queues if i < len(q)]
     return _fill(table, list(dict.fromkeys(rows)), budget)
+
+
+def adam_gain_selection(measurement: Measurement, budget: int) -> dict[str, list[int]]:
+    """Blocks by the first-order loss decrease of one Adam step, lr * sum_i gbar_i^2 / rms_i, with a block's rms
+    taken as uniform: ||gbar_b||^2 / sqrt(E_b / (T n_b)), per parameter (Adam moves every trained element ~lr)."""
+    table, p = measurement.table, measurement.projections
+    t = p.shape[0]
+    signal = np.clip(p.mean(axis=0)[: len(table)], 0.0, None)
+    rms = np.sqrt(table.energy / (t * np.maximum(table.sizes, 1)))
+    gain = np.divide(signal, rms, out=np.zeros_like(signal), where=rms > 0)
+    return _fill(table, np.argsort(-gain / np.maximum(table.sizes, 1), kind="stable"), budget)
 
 
 def bottom_energy_selection(measurement: Measurement, budget: int) -> dict[str, list[int]]:

@@ -1,0 +1,68 @@
+"""The selection study's baselines (benchmarks/harness/selections.py) on hand-made measurements, and the study script
+end to end on the smoke profile (tiny random model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from harness import selections  # noqa: E402
+from mftc_peft.search import BlockTable  # noqa: E402
+
+
+def measurement(energy, projections=None, library=None, size=10):
+    n = len(energy)
+    table = BlockTable(module_names=tuple(f"encoder.layer.0.w{i}" for i in range(n)),
+                       block_ids=np.zeros(n, dtype=np.int64), sizes=np.full(n, size), energy=np.asarray(energy, float))
+    projections = np.ones((4, n)) if projections is None else np.asarray(projections, float)
+    return selections.Measurement(table=table, projections=projections, library=library or [list(range(n))],
+                                  seconds=0.0, dsca_seconds=0.0)
+
+
+def chosen(selection) -> list[int]:
+    return sorted(int(name.rsplit("w", 1)[1]) for name in selection)
+
+
+def test_round_robin_takes_one_block_per_module_in_turn():
+    m = measurement([5, 4, 3, 9, 1, 0.5], library=[[0, 1, 2], [3, 4, 5]])
+    # module [3, 4, 5] has the larger total energy: its top block first, then module [0, 1, 2]'s, then the second ones
+    assert chosen(selections.round_robin_selection(m, budget=40)) == [0, 1, 3, 4]
+    assert chosen(selections.round_robin_selection(m, budget=20)) == [0, 3]
+    seeded = chosen(selections.round_robin_selection(m, budget=20, seed=0))
+    assert len(seeded) == 2 and len({b // 3 for b in seeded}) == 2  # still one block from each module
+
+
+def test_bottom_energy_is_the_reverse_of_top_energy():
+    m = measurement([5, 4, 3, 9])
+    assert chosen(selections.top_energy_selection(m, budget=20)) == [0, 3]
+    assert chosen(selections.bottom_energy_selection(m, budget=20)) == [1, 2]
+
+
+def test_adam_gain_prefers_consistent_gradients_over_noisy_ones():
+    # Equal accumulated energy; block 0's gradient is consistent (its mean carries all of it), block 1's is noise.
+    m = measurement([8.0, 8.0], projections=[[2.0, 0.1]] * 4)
+    assert chosen(selections.adam_gain_selection(m, budget=10)) == [0]
+    # The same signal with a smaller second moment (less noise) wins as well.
+    m = measurement([8.0, 2.0], projections=[[1.0, 1.0]] * 4)
+    assert chosen(selections.adam_gain_selection(m, budget=10)) == [1]
+
+
+def test_study_runs_variants_on_the_validation_split(tmp_path):
+    command = [sys.executable, str(BENCHMARKS / "selection_study.py"), "--profile", "smoke", "--variants",
+               "node_share_1,random_blocks", "--seeds", "1", "--workers", "2", "--out", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True, env=os.environ | {"HF_HUB_OFFLINE": "1"}, timeout=300)
+    records = [json.loads(line) for line in (tmp_path / "selection_study.jsonl").read_text().splitlines()]
+    assert sorted(r["variant"] for r in records) == ["node_share_1", "random_blocks"]
+    for r in records:
+        assert r["status"] == "ok", r.get("reason")
+        assert r["eval_split"] == "val" and r["val_accuracy"] is not None
+    assert {r["variant"]: r["mftc_config"] for r in records}["node_share_1"] == {"max_node_share": 1.0}
+    assert "| node_share_1 |" in (tmp_path / "selection_study.md").read_text()
