@@ -42,6 +42,8 @@ VARIANTS = {
     "cluster_random": ("cluster_random", {}),
     "bottom_energy": ("bottom_energy", {}),
     "adam_gain": ("adam_gain", {}),
+    "energy_sampled": ("energy_sampled", {}),
+    "sqrt_energy_sampled": ("sqrt_energy_sampled", {}),
 }
 
 

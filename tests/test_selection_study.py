@@ -55,6 +55,14 @@ def test_adam_gain_prefers_consistent_gradients_over_noisy_ones():
     assert chosen(selections.adam_gain_selection(m, budget=10)) == [1]
 
 
+def test_energy_sampling_is_seeded_and_never_prefers_dead_blocks():
+    m = measurement([0.0, 1.0, 2.0, 3.0, 0.0, 5.0])
+    draws = [chosen(selections.energy_sampled_selection(m, budget=30, seed=seed)) for seed in range(20)]
+    assert draws[0] == chosen(selections.energy_sampled_selection(m, budget=30, seed=0))
+    assert all(set(d) <= {1, 2, 3, 5} and len(d) == 3 for d in draws)  # zero-energy blocks come last
+    assert len({tuple(d) for d in draws}) > 1  # and it is a sample, not a ranking
+
+
 def test_study_runs_variants_on_the_validation_split(tmp_path):
     command = [sys.executable, str(BENCHMARKS / "selection_study.py"), "--profile", "smoke", "--variants",
                "node_share_1,random_blocks", "--seeds", "1", "--workers", "2", "--out", str(tmp_path)]

@@ -270,6 +270,11 @@ def build_adam_gain(model, ctx):
     return _ablation(model, ctx, _measured(ctx, select, uses_dsca=False))
 
 
+def build_energy_sampled(model, ctx, power=1.0):
+    select = lambda m, _: selections.energy_sampled_selection(m, ctx.match_budget, ctx.seed, power)  # noqa: E731
+    return _ablation(model, ctx, _measured(ctx, select, uses_dsca=False))
+
+
 def build_bottom_energy(model, ctx):
     select = lambda m, _: selections.bottom_energy_selection(m, ctx.match_budget)  # noqa: E731
     return _ablation(model, ctx, _measured(ctx, select, uses_dsca=False))
@@ -283,6 +288,8 @@ BUILDERS = {
     # selection-study baselines (benchmarks/selection_study.py), not in the profiles
     "cluster_round_robin": build_cluster_round_robin, "cluster_random": build_cluster_random,
     "bottom_energy": build_bottom_energy, "adam_gain": build_adam_gain,
+    "energy_sampled": build_energy_sampled,
+    "sqrt_energy_sampled": lambda model, ctx: build_energy_sampled(model, ctx, power=0.5),
 }
 MATCHED_TO_MFTC = ("random_blocks", "top_energy", "mftc_no_search", "mftc_no_cluster")
 

@@ -125,6 +125,15 @@ def adam_gain_selection(measurement: Measurement, budget: int) -> dict[str, list
     return _fill(table, np.argsort(-gain / np.maximum(table.sizes, 1), kind="stable"), budget)
 
 
+def energy_sampled_selection(measurement: Measurement, budget: int, seed: int, power: float = 1.0):
+    """Blocks drawn without replacement with probability proportional to energy ** power (Efraimidis-Spirakis keys
+    u ** (1 / w)): random spread, tilted towards the blocks the gradients favour."""
+    table = measurement.table
+    weight = np.maximum(table.energy, 1e-300) ** power
+    keys = np.log(np.random.default_rng(seed).random(len(table))) / (weight / weight.max())
+    return _fill(table, np.argsort(-keys, kind="stable"), budget)
+
+
 def bottom_energy_selection(measurement: Measurement, budget: int) -> dict[str, list[int]]:
     table = measurement.table
     return _fill(table, np.argsort(table.energy, kind="stable"), budget)
