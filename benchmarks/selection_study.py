@@ -54,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     parser.add_argument("--lr", type=float, nargs="+", default=[5e-3], help="learning rates (each variant runs all)")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--profile", default="cpu", help="profile whose classification settings are used (tests: smoke)")
+    parser.add_argument("--profile", default="cpu",
+                        help="profile whose classification settings are used (tests: smoke)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     bad = [v for v in args.variants.split(",") if v not in VARIANTS]

@@ -76,6 +76,17 @@ def test_report_is_generated_from_the_lines(smoke_results):
     assert (out / "smoke_cls_vs_params.png").exists() and (out / "smoke_cls_vs_wall.png").exists()
 
 
+def test_report_uses_the_test_runs_of_the_latest_pick():
+    report = _load("report")
+    base = {"task": "cls", "method": "adalora", "phase": "test", "status": "ok", "metric": "accuracy",
+            "trainable_params_no_head": 10, "trainable_params": 12, "steps": 4}
+    old = [base | {"lr": 5e-3, "seed": s, "date": "2026-01-01T00:00:00", "test_accuracy": 0.5} for s in range(3)]
+    new = [base | {"lr": 1e-3, "seed": s, "date": "2026-01-02T00:00:00", "test_accuracy": 0.7 + s / 100}
+           for s in range(3)]
+    summary = report.summarise(old + new, "cls")["adalora"]
+    assert summary["lr"] == 1e-3 and summary["n"] == 3 and abs(summary["mean"] - 0.71) < 1e-12
+
+
 def test_subprocess_runs_language_modelling_and_records_skips(tmp_path):
     command = [sys.executable, str(BENCHMARKS / "run.py"), "--smoke", "--tasks", "lm", "--methods", "lora,mftc,bias",
                "--device", "cpu", "--out", str(tmp_path), "--no-report"]

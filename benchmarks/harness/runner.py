@@ -25,7 +25,8 @@ WARMUP_SEED_OFFSET = 10_000  # warm-up batches: their own seeded stream, the sam
 
 def run_one(spec: dict) -> dict:
     """`spec`: profile, phase ('sweep' | 'test'), task, method, seed, lr, lr_swept, device, lora_budget,
-    match_budget, budget_source, and optionally mftc_config (MFTCConfig overrides). Returns the JSON record (status 'ok', 'skipped' or 'failed')."""
+    match_budget, budget_source, and optionally mftc_config (MFTCConfig overrides). Returns the JSON record (status
+    'ok', 'skipped' or 'failed')."""
     profile = PROFILES[spec["profile"]]
     settings = profile.settings[spec["task"]]
     task = make_task(spec["task"], settings, tiny=profile.tiny_models)

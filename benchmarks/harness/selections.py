@@ -12,6 +12,9 @@ and seeds on the same micro-batches), so the ablations differ from MFTC only in 
   transformer layer the group of all its blocks and one group per target weight, each offered by the search space at
   its usual energy truncations.
 
+Baselines of the selection study only (benchmarks/selection_study.py): `round_robin_selection` (one block per DSCA
+module in turn), `adam_gain_selection`, `energy_sampled_selection` and `bottom_energy_selection`.
+
 Every selection fills at most `budget` elements (greedily; never more).
 """
 
