@@ -18,14 +18,15 @@ from .layer import MFTCLayer  # noqa: E402
 from .model import MFTCModel  # noqa: E402
 from .registry import register  # noqa: E402
 from .spectral import SpectralCoordinator  # noqa: E402
-from .warmup import compute_selection, warmup  # noqa: E402
+from .warmup import BlockMeasurement, compute_selection, measure_blocks, warmup  # noqa: E402
 
 register()
 
 __version__ = "0.1.0"
 __all__ = [
-    "BlockGrid", "DynamicSpectralClustering", "MFTCConfig", "MFTCLayer", "MFTCModel", "MFTCTrainer",
-    "SpectralCoordinator", "WarmupReport", "compute_selection", "make_grid", "register", "warmup",
+    "BlockGrid", "BlockMeasurement", "DynamicSpectralClustering", "MFTCConfig", "MFTCLayer", "MFTCModel",
+    "MFTCTrainer", "SpectralCoordinator", "WarmupReport", "compute_selection", "make_grid", "measure_blocks",
+    "register", "warmup",
 ]
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -196,6 +196,49 @@ def compute_selection(
     )
     report.attach_graph(dsca.affinity_)
     return selection, report
+
+
+@dataclass
+class BlockMeasurement:
+    """The warm-up's measurement: `table` (one row per block, energy = accumulated squared gradient), `projections`
+    ((micro-batches, blocks) inputs of the taylor probe; None unless `probe='taylor'`), `library` (DSCA's modules as
+    rows of `table`) and `timings` (seconds per stage: head, signatures, dsca)."""
+
+    table: BlockTable
+    projections: Optional[np.ndarray]
+    library: list
+    timings: dict
+
+
+def measure_blocks(
+    peft_model, train_dataloader: Iterable, *, compute_loss: Optional[Callable] = None,
+    adapter_name: Optional[str] = None, progress: bool = False,
+) -> BlockMeasurement:
+    """The warm-up's measurement alone (head fit, block gradients, DSCA) on `warmup_steps` batches of
+    `train_dataloader`, without probing, search or injection; the model is left exactly as it was. For studies that
+    compare other selections on MFTC's own measurement."""
+    tuner = mftc_tuner(peft_model)
+    adapter_name = adapter_name or tuner.active_adapters[0]
+    config = tuner.peft_config[adapter_name]
+    layers = dict(tuner.mftc_layers(adapter_name))
+    if not layers:
+        raise ValueError(f"adapter {adapter_name!r} has no MFTC layer to measure")
+    grids = {name: layer.mftc_grid[adapter_name] for name, layer in layers.items()}
+    device = next(peft_model.parameters()).device
+    loss_fn = compute_loss or default_loss
+    timings: dict[str, float] = {}
+    with preserved_state(peft_model, adapter_name=adapter_name):
+        batches, _ = _split_batches(train_dataloader, None, config, device)
+        _fit_head(peft_model, adapter_name, batches, loss_fn, config, timings)
+        collector, dsca = _measure(
+            peft_model, layers, grids, config, stage_seeds(config.seed), batches, loss_fn, progress, timings
+        )
+    return BlockMeasurement(
+        table=_block_table(grids, [tuple(node) for node in collector.nodes], collector.block_energy()),
+        projections=gradient_projections(collector.history()) if config.probe == "taylor" else None,
+        library=[module.nodes.tolist() for module in dsca.modules_],
+        timings=timings,
+    )
 
 
 def _split_batches(train_dataloader, eval_dataloader, config, device) -> tuple[list[dict], list[dict]]:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from peft import get_peft_model
@@ -228,3 +229,23 @@ def test_failure_while_fitting_the_head_leaves_model_bit_identical():
     with pytest.raises(RuntimeError, match="head step 3"):
         mftc_peft.warmup(model, token_batches(6), compute_loss=loss_that_fails, progress=False)
     assert_same_state(before, state(model))
+
+
+def test_measure_blocks_is_the_warmups_measurement_and_changes_nothing():
+    _, model = warm_model()
+    before = state(model)
+    measurement = mftc_peft.measure_blocks(model, token_batches(6))
+    assert_same_state(before, state(model))
+    table = measurement.table
+    grids = model.base_model.block_grids()
+    assert len(table) == sum(grid.n_blocks for grid in grids.values())
+    assert (table.energy > 0).any() and (table.energy >= 0).all()
+    assert measurement.projections.shape == (WARMUP["warmup_steps"], len(table))
+    # projections average to the squared mean gradient, never more than the mean squared gradient (the energy)
+    assert np.all(measurement.projections.mean(axis=0) <= table.energy / WARMUP["warmup_steps"] + 1e-9)
+    rows = sorted(r for module in measurement.library for r in module)
+    assert rows == list(range(len(table)))  # DSCA's modules partition the blocks
+    assert set(measurement.timings) >= {"signatures", "dsca"}
+    # the warm-up clusters the same blocks in the same order
+    report = mftc_peft.warmup(model, token_batches(6), progress=False)
+    assert [tuple(n) for n in report.nodes] == list(zip(table.module_names, table.block_ids.tolist()))

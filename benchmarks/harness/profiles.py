@@ -28,7 +28,9 @@ LM_LR_GRID = {
 # 3 epochs, so the higher of the two is the step up); the secondary peers and ablations run with one seed.
 CPU_LR_GRID = {
     "cls": {
-        **{m: (2e-3, 5e-3) for m in _BLOCK_METHODS + ("lora", "shira", "adamss")},
+        # The block methods, SHiRA and AdaMSS picked the top point of (2e-3, 5e-3), so they also get 1e-2.
+        **{m: (2e-3, 5e-3, 1e-2) for m in _BLOCK_METHODS + ("shira", "adamss")},
+        "lora": (2e-3, 5e-3),
         # AdaLoRA sat at the majority class at 2e-3 and 5e-3 (its loss adds an orthogonality term, and its E starts
         # at zero), so it gets the two lower points as well.
         "adalora": (5e-4, 1e-3, 2e-3, 5e-3),

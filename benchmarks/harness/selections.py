@@ -1,6 +1,6 @@
 """Block selections of the ablations, on the same block grid and warm-up batches as MFTC.
 
-The gradient measurement is MFTC's own (`mftc_peft.warmup`'s private `_measure`: the same signature collector, DSCA
+The gradient measurement is MFTC's own (`mftc_peft.measure_blocks`: the same signature collector, DSCA
 and seeds on the same micro-batches), so the ablations differ from MFTC only in the stage they remove:
 
 - `random_selection`: random blocks (seeded), no gradients at all.
@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mftc_peft.probes import gradient_projections, preserved_state, taylor_probe
+from mftc_peft import measure_blocks
+from mftc_peft.probes import taylor_probe
 from mftc_peft.search import (
     BlockTable, build_search_space, models_from_probes, select_candidates, share_levels_up_to,
 )
-from mftc_peft.warmup import _block_table, _fit_head, _measure, _split_batches, default_loss, stage_seeds
 
 
 @dataclass
@@ -42,26 +42,12 @@ class Measurement:
 
 
 def measure(peft_model, batches) -> Measurement:
-    """MFTC's warm-up measurement (signatures + DSCA) on `batches`; the model is left as it was."""
+    """MFTC's warm-up measurement (head fit, signatures, DSCA) on `batches`; the model is left as it was."""
     start = time.perf_counter()
-    tuner = peft_model.base_model
-    adapter = tuner.active_adapters[0]
-    config = tuner.peft_config[adapter]
-    layers = dict(tuner.mftc_layers(adapter))
-    grids = {name: layer.mftc_grid[adapter] for name, layer in layers.items()}
-    device = next(peft_model.parameters()).device
-    timings: dict[str, float] = {}
-    with preserved_state(peft_model, adapter_name=adapter):
-        train_batches, _ = _split_batches(batches, None, config, device)
-        _fit_head(peft_model, adapter, train_batches, default_loss, config, timings)
-        collector, dsca = _measure(
-            peft_model, layers, grids, config, stage_seeds(config.seed), train_batches, default_loss, False, timings
-        )
-    table = _block_table(grids, [tuple(n) for n in collector.nodes], collector.block_energy())
+    measured = measure_blocks(peft_model, batches)
     return Measurement(
-        table=table, projections=gradient_projections(collector.history()),
-        library=[module.nodes.tolist() for module in dsca.modules_],
-        seconds=time.perf_counter() - start, dsca_seconds=timings.get("dsca", 0.0),
+        table=measured.table, projections=measured.projections, library=measured.library,
+        seconds=time.perf_counter() - start, dsca_seconds=measured.timings.get("dsca", 0.0),
     )
 
 
