@@ -48,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="skip runs that already have an 'ok' line")
     parser.add_argument("--workers", type=int, default=1,
                         help="runs at a time, each in its own subprocess (set OMP_NUM_THREADS so that workers x "
-                             "threads fits the cores); overlapping runs have their wall times measured under contention")
+                             "threads fits the cores); overlapping runs have their wall times measured under "
+                             "contention")
     parser.add_argument("--in-process", action="store_true",
                         help="run everything in this process (faster start; peak memory is then cumulative)")
     parser.add_argument("--no-report", action="store_true", help="do not regenerate the table and plots at the end")

@@ -13,7 +13,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -125,25 +125,16 @@ def compute_selection(
     timings=None,
 ) -> tuple[dict[str, list[int]], WarmupReport]:
     """The warm-up's computation without the injection: returns (selection, report). The caller restores state."""
-    tuner = mftc_tuner(peft_model)
-    adapter_name = adapter_name or tuner.active_adapters[0]
-    config = tuner.peft_config[adapter_name]
+    adapter_name = adapter_name or mftc_tuner(peft_model).active_adapters[0]
     timings = {} if timings is None else timings
+    measured = _gradients(
+        peft_model, adapter_name, train_dataloader, eval_dataloader, compute_loss or default_loss, progress, timings
+    )
+    config, grids, collector, dsca = measured.config, measured.grids, measured.collector, measured.dsca
+    train_batches, eval_batches = measured.train_batches, measured.eval_batches
     seeds = stage_seeds(config.seed)
-    layers = dict(tuner.mftc_layers(adapter_name))
-    if not layers:
-        raise ValueError(f"adapter {adapter_name!r} has no MFTC layer to warm up")
-    grids = {name: layer.mftc_grid[adapter_name] for name, layer in layers.items()}
     target_elements = sum(g.in_features * g.out_features for g in grids.values())
     budget = budget_elements(config.budget, target_elements)
-    device = next(peft_model.parameters()).device
-    loss_fn = compute_loss or default_loss
-
-    train_batches, eval_batches = _split_batches(train_dataloader, eval_dataloader, config, device)
-    _fit_head(peft_model, adapter_name, train_batches, loss_fn, config, timings)
-    collector, dsca = _measure(
-        peft_model, layers, grids, config, seeds, train_batches, loss_fn, progress, timings
-    )
     nodes = [tuple(node) for node in collector.nodes]
     with _timed(timings, "probe"):
         table = _block_table(grids, nodes, collector.block_energy())
@@ -217,28 +208,46 @@ def measure_blocks(
     """The warm-up's measurement alone (head fit, block gradients, DSCA) on `warmup_steps` batches of
     `train_dataloader`, without probing, search or injection; the model is left exactly as it was. For studies that
     compare other selections on MFTC's own measurement."""
+    adapter_name = adapter_name or mftc_tuner(peft_model).active_adapters[0]
+    timings: dict[str, float] = {}
+    with preserved_state(peft_model, adapter_name=adapter_name):
+        measured = _gradients(
+            peft_model, adapter_name, train_dataloader, None, compute_loss or default_loss, progress, timings
+        )
+    collector = measured.collector
+    return BlockMeasurement(
+        table=_block_table(measured.grids, [tuple(node) for node in collector.nodes], collector.block_energy()),
+        projections=gradient_projections(collector.history()) if measured.config.probe == "taylor" else None,
+        library=[module.nodes.tolist() for module in measured.dsca.modules_],
+        timings=timings,
+    )
+
+
+class _Gradients(NamedTuple):
+    config: object
+    grids: dict
+    collector: SignatureCollector
+    dsca: DynamicSpectralClustering
+    train_batches: list
+    eval_batches: list
+
+
+def _gradients(peft_model, adapter_name, train_dataloader, eval_dataloader, loss_fn, progress, timings) -> _Gradients:
+    """The measuring half of the warm-up, shared by `compute_selection` and `measure_blocks`: the batches, the head
+    fit, the block gradients and DSCA. The caller restores the model's state."""
     tuner = mftc_tuner(peft_model)
-    adapter_name = adapter_name or tuner.active_adapters[0]
     config = tuner.peft_config[adapter_name]
     layers = dict(tuner.mftc_layers(adapter_name))
     if not layers:
-        raise ValueError(f"adapter {adapter_name!r} has no MFTC layer to measure")
+        raise ValueError(f"adapter {adapter_name!r} has no MFTC layer to warm up")
     grids = {name: layer.mftc_grid[adapter_name] for name, layer in layers.items()}
     device = next(peft_model.parameters()).device
-    loss_fn = compute_loss or default_loss
-    timings: dict[str, float] = {}
-    with preserved_state(peft_model, adapter_name=adapter_name):
-        batches, _ = _split_batches(train_dataloader, None, config, device)
-        _fit_head(peft_model, adapter_name, batches, loss_fn, config, timings)
-        collector, dsca = _measure(
-            peft_model, layers, grids, config, stage_seeds(config.seed), batches, loss_fn, progress, timings
-        )
-    return BlockMeasurement(
-        table=_block_table(grids, [tuple(node) for node in collector.nodes], collector.block_energy()),
-        projections=gradient_projections(collector.history()) if config.probe == "taylor" else None,
-        library=[module.nodes.tolist() for module in dsca.modules_],
-        timings=timings,
+    train_batches, eval_batches = _split_batches(train_dataloader, eval_dataloader, config, device)
+    _fit_head(peft_model, adapter_name, train_batches, loss_fn, config, timings)
+    collector, dsca = _measure(
+        peft_model, layers, grids, config, stage_seeds(config.seed), train_batches, loss_fn, progress, timings
     )
+    return _Gradients(config, grids, collector, dsca, train_batches, eval_batches)
 
 
 def _split_batches(train_dataloader, eval_dataloader, config, device) -> tuple[list[dict], list[dict]]:

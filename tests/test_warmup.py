@@ -119,18 +119,22 @@ def test_failure_mid_warmup_leaves_model_bit_identical(monkeypatch):
     assert_same_state(before, state(model))
 
 
-def test_failure_in_a_backward_pass_leaves_model_bit_identical():
-    _, model = warm_model()
+@pytest.mark.parametrize("overrides, failing_call", [
+    ({}, 4),  # the 4th warm-up backward pass
+    ({"head_warmup_steps": 8}, 3),  # the 3rd step fitting the head, before any gradient is measured
+])
+def test_failure_in_a_forward_pass_leaves_model_bit_identical(overrides, failing_call):
+    _, model = warm_model(**overrides)
     before = state(model)
     calls = {"n": 0}
 
     def loss_that_fails(model, batch):
         calls["n"] += 1
-        if calls["n"] == 4:
-            raise RuntimeError("injected failure in micro-batch 4")
+        if calls["n"] == failing_call:
+            raise RuntimeError(f"injected failure in call {failing_call}")
         return model(**batch).loss
 
-    with pytest.raises(RuntimeError, match="micro-batch 4"):
+    with pytest.raises(RuntimeError, match=f"call {failing_call}"):
         mftc_peft.warmup(model, token_batches(6), compute_loss=loss_that_fails, progress=False)
     assert_same_state(before, state(model))
 
@@ -213,22 +217,6 @@ def test_head_warmup_fits_the_head_for_the_measurement_then_puts_it_back():
     assert not torch.equal(seen[8], initial)
     assert torch.equal(head_weight(model), initial)  # and the user's head is back
     assert report.timings["head"] > 0
-
-
-def test_failure_while_fitting_the_head_leaves_model_bit_identical():
-    _, model = warm_model(head_warmup_steps=8)
-    before = state(model)
-    calls = {"n": 0}
-
-    def loss_that_fails(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("injected failure in head step 3")
-        return model(**batch).loss
-
-    with pytest.raises(RuntimeError, match="head step 3"):
-        mftc_peft.warmup(model, token_batches(6), compute_loss=loss_that_fails, progress=False)
-    assert_same_state(before, state(model))
 
 
 def test_measure_blocks_is_the_warmups_measurement_and_changes_nothing():

@@ -255,29 +255,28 @@ def build_mftc_no_cluster(model, ctx):
     return _ablation(model, ctx, _measured(ctx, select, uses_dsca=False))
 
 
-def build_cluster_round_robin(model, ctx):
-    select = lambda m, _: selections.round_robin_selection(m, ctx.match_budget)  # noqa: E731
-    return _ablation(model, ctx, _measured(ctx, select, uses_dsca=True))
+def _study_builder(choose, *, uses_dsca: bool):
+    """A builder of a selection-study baseline: `choose(measurement, ctx)` picks blocks from MFTC's measurement."""
+    def build(model, ctx):
+        return _ablation(model, ctx, _measured(ctx, lambda m, _: choose(m, ctx), uses_dsca=uses_dsca))
+
+    return build
 
 
-def build_cluster_random(model, ctx):
-    select = lambda m, _: selections.round_robin_selection(m, ctx.match_budget, seed=ctx.seed)  # noqa: E731
-    return _ablation(model, ctx, _measured(ctx, select, uses_dsca=True))
-
-
-def build_adam_gain(model, ctx):
-    select = lambda m, _: selections.adam_gain_selection(m, ctx.match_budget)  # noqa: E731
-    return _ablation(model, ctx, _measured(ctx, select, uses_dsca=False))
-
-
-def build_energy_sampled(model, ctx, power=1.0):
-    select = lambda m, _: selections.energy_sampled_selection(m, ctx.match_budget, ctx.seed, power)  # noqa: E731
-    return _ablation(model, ctx, _measured(ctx, select, uses_dsca=False))
-
-
-def build_bottom_energy(model, ctx):
-    select = lambda m, _: selections.bottom_energy_selection(m, ctx.match_budget)  # noqa: E731
-    return _ablation(model, ctx, _measured(ctx, select, uses_dsca=False))
+STUDY_BUILDERS = {
+    "cluster_round_robin": _study_builder(
+        lambda m, ctx: selections.round_robin_selection(m, ctx.match_budget), uses_dsca=True),
+    "cluster_random": _study_builder(
+        lambda m, ctx: selections.round_robin_selection(m, ctx.match_budget, seed=ctx.seed), uses_dsca=True),
+    "adam_gain": _study_builder(lambda m, ctx: selections.adam_gain_selection(m, ctx.match_budget), uses_dsca=False),
+    "energy_sampled": _study_builder(
+        lambda m, ctx: selections.energy_sampled_selection(m, ctx.match_budget, ctx.seed), uses_dsca=False),
+    "sqrt_energy_sampled": _study_builder(
+        lambda m, ctx: selections.energy_sampled_selection(m, ctx.match_budget, ctx.seed, power=0.5),
+        uses_dsca=False),
+    "bottom_energy": _study_builder(
+        lambda m, ctx: selections.bottom_energy_selection(m, ctx.match_budget), uses_dsca=False),
+}
 
 
 BUILDERS = {
@@ -285,11 +284,7 @@ BUILDERS = {
     "adamss": build_adamss, "full": build_full, "bias": build_bias, "random_blocks": build_random_blocks,
     "top_energy": build_top_energy, "mftc_no_search": build_mftc_no_search, "mftc_no_cluster": build_mftc_no_cluster,
     "mftc_spectral": build_mftc_spectral,
-    # selection-study baselines (benchmarks/selection_study.py), not in the profiles
-    "cluster_round_robin": build_cluster_round_robin, "cluster_random": build_cluster_random,
-    "bottom_energy": build_bottom_energy, "adam_gain": build_adam_gain,
-    "energy_sampled": build_energy_sampled,
-    "sqrt_energy_sampled": lambda model, ctx: build_energy_sampled(model, ctx, power=0.5),
+    **STUDY_BUILDERS,  # benchmarks/selection_study.py only, not in the profiles
 }
 MATCHED_TO_MFTC = ("random_blocks", "top_energy", "mftc_no_search", "mftc_no_cluster")
 
