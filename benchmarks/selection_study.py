@@ -1,12 +1,17 @@
-"""Selection study (issue 6): MFTC configurations and block baselines side by side on the VALIDATION split.
+"""Method lab (issues 6, 12): MFTC variants, block baselines and LoRA side by side on the VALIDATION split.
 
-    OMP_NUM_THREADS=1 python benchmarks/selection_study.py --workers 2
-    OMP_NUM_THREADS=1 python benchmarks/selection_study.py --variants default,node_share_1 --seeds 3 --lr 5e-3
+    OMP_NUM_THREADS=1 python benchmarks/selection_study.py --variants default,random_blocks,lora --seeds 5 --workers 2
+    OMP_NUM_THREADS=1 python benchmarks/selection_study.py --profile lab_long --variants default,random_blocks,lora
+    python benchmarks/selection_study.py --table-only      # regenerate the tables from the JSON lines
 
-Used to choose MFTC's defaults without looking at the test split: every run trains on the cpu profile's classification
-training set and is scored on its 1,000-snippet validation split (phase "sweep" in the record). Each variant is a
-method of the benchmark plus `MFTCConfig` overrides; records go to `results/selection_study.jsonl` and a mean +- std
-table to `results/selection_study.md`.
+Used to choose MFTC's defaults without looking at the test split: every run trains on the profile's classification
+(or, with `--task lm`, language-modelling) training set and is scored on its validation split (phase "sweep" in the
+record). Each variant is a method of the benchmark plus `MFTCConfig` overrides, run at every rate of its own bracket
+(`BRACKETS`, or `--lr` for all) and every seed 0..N-1; a seed fixes the data order and head initialisation for all
+variants. The table gives each variant at its best rate (flagged when that rate sits on the bracket's edge) and its
+paired difference against random blocks and LoRA with a 95% t-interval over seeds. Records go to
+`results/selection_study.jsonl` (each with its loss curve and, for block methods, the blocks per layer and role) and
+the tables to `results/selection_study.md`.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -23,11 +27,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness import paired  # noqa: E402
 from run import RESULTS, execute  # noqa: E402
 
 # name: (benchmark method, MFTCConfig overrides)
 VARIANTS = {
     "default": ("mftc", {}),
+    "lora": ("lora", {}),
     "node_share_1": ("mftc", {"max_node_share": 1.0}),
     "node_share_1.5": ("mftc", {"max_node_share": 1.5}),
     "per_weight_nodes": ("mftc", {"node_grouping": "module"}),
@@ -45,6 +51,12 @@ VARIANTS = {
     "energy_sampled": ("energy_sampled", {}),
     "sqrt_energy_sampled": ("sqrt_energy_sampled", {}),
 }
+# Learning-rate brackets (classification): block selections peaked at 5e-3 in the cpu profile, LoRA at 2e-3 (it
+# diverged at 5e-3). `--lr` replaces them for every variant.
+BRACKETS = {"cls": {"lora": (1e-3, 2e-3, 4e-3)}, "lm": {}}
+DEFAULT_BRACKET = {"cls": (2e-3, 5e-3, 1e-2), "lm": (1e-3, 3e-3, 1e-2)}
+REFERENCES = ("random_blocks", "lora")
+METRIC = {"cls": ("val_accuracy", True), "lm": ("val_perplexity", False)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,7 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--variants", default="default,node_share_1,per_weight_nodes,random_blocks",
                         help=f"comma-separated subset of {','.join(VARIANTS)}")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
-    parser.add_argument("--lr", type=float, nargs="+", default=[5e-3], help="learning rates (each variant runs all)")
+    parser.add_argument("--lr", type=float, nargs="+", help="learning rates for every variant (default: BRACKETS)")
+    parser.add_argument("--task", choices=("cls", "lm"), default="cls")
+    parser.add_argument("--table-only", action="store_true", help="only regenerate the tables from the JSON lines")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--profile", default="cpu",
                         help="profile whose classification settings are used (tests: smoke)")
@@ -64,53 +78,71 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def bracket(args, name: str) -> tuple[float, ...]:
+    return tuple(args.lr) if args.lr else BRACKETS[args.task].get(name, DEFAULT_BRACKET[args.task])
+
+
 def specs(args, lora_budget: int) -> list[dict]:
-    base = {"profile": args.profile, "task": "cls", "device": "cpu", "phase": "sweep", "lr_swept": False,
+    base = {"profile": args.profile, "task": args.task, "device": "cpu", "phase": "sweep", "lr_swept": False,
             "lora_budget": lora_budget, "match_budget": lora_budget, "budget_source": "lora"}
     return [base | {"variant": name, "method": VARIANTS[name][0], "mftc_config": VARIANTS[name][1], "seed": seed,
                     "lr": lr}
-            for seed in range(args.seeds) for lr in args.lr for name in args.variants.split(",")]
+            for seed in range(args.seeds) for name in args.variants.split(",") for lr in bracket(args, name)]
 
 
-def table(records: list[dict]) -> str:
-    groups: dict[tuple, list[float]] = {}
-    for r in records:
-        if r.get("status") == "ok":
-            groups.setdefault((r["variant"], r["lr"]), []).append(r["val_accuracy"])
-    lines = ["| variant | lr | runs | val accuracy mean | std |", "|---|---|---|---|---|"]
-    for (variant, lr), values in sorted(groups.items(), key=lambda kv: -statistics.mean(kv[1])):
-        std = statistics.stdev(values) if len(values) > 1 else float("nan")
-        lines.append(f"| {variant} | {lr:g} | {len(values)} | {statistics.mean(values):.4f} | {std:.4f} |")
-    return "\n".join(lines) + "\n"
+def tables(records: list[dict]) -> str:
+    """One section per (profile, task): paired table at each variant's best rate, then the rate curves."""
+    sections = []
+    for profile, task in sorted({(r["profile"], r["task"]) for r in records if r.get("status") == "ok"}):
+        metric, higher = METRIC[task]
+        mine = [r for r in records if (r["profile"], r["task"]) == (profile, task)]
+        picks = paired.pick_variants(mine, metric, higher_is_better=higher)
+        scale, unit = (100.0, "pt") if task == "cls" else (1.0, "ppl")
+        steps = sorted({r.get("steps") for r in mine if r.get("steps")})
+        sections.append(f"## {profile} profile, {task}: {metric} ({'higher' if higher else 'lower'} is better), "
+                        f"steps {steps}\n\n" + paired.paired_table(picks, REFERENCES, scale=scale, unit=unit)
+                        + "\nMean over seeds at every rate of each bracket (bold: the pick):\n\n"
+                        + paired.lr_table(picks))
+    return "\n".join(sections)
+
+
+def write_tables(path: Path, out: Path) -> str:
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = tables(records)
+    (out / "selection_study.md").write_text(
+        "# Method lab (validation split only)\n\n"
+        "`python benchmarks/selection_study.py` (see its docstring); every record in `selection_study.jsonl`. "
+        "Paired differences are variant minus reference at each one's picked rate, over the seeds both ran; "
+        "\"within noise\" when the 95% interval covers 0.\n\n" + text
+    )
+    return text
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path, lock = args.out / "selection_study.jsonl", threading.Lock()
+    if args.table_only:
+        print(write_tables(path, args.out))
+        return
     from harness.methods import lora_budget
     from harness.profiles import PROFILES
     from harness.tasks import make_task
 
     profile = PROFILES[args.profile]
-    budget = lora_budget(make_task("cls", profile.settings["cls"], tiny=profile.tiny_models))
-    args.out.mkdir(parents=True, exist_ok=True)
-    path, lock = args.out / "selection_study.jsonl", threading.Lock()
+    budget = lora_budget(make_task(args.task, profile.settings[args.task], tiny=profile.tiny_models))
 
     def one(spec):
         record = execute(spec, in_process=False) | {"variant": spec["variant"]}
         with lock, path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
-        print(spec["variant"], spec["seed"], spec["lr"], record.get("status"), record.get("val_accuracy"),
+        print(spec["variant"], spec["seed"], spec["lr"], record.get("status"), record.get(METRIC[args.task][0]),
               record.get("reason", "")[:300], flush=True)
         return record
 
     with ThreadPoolExecutor(args.workers) as pool:
         list(pool.map(one, specs(args, budget)))
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    (args.out / "selection_study.md").write_text(
-        "# Selection study (validation split, cpu profile classification)\n\n"
-        "`python benchmarks/selection_study.py`; every record in `selection_study.jsonl`.\n\n" + table(records)
-    )
-    print(table(records))
+    print(write_tables(path, args.out))
 
 
 if __name__ == "__main__":

@@ -64,3 +64,18 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def selection_summary(model) -> dict:
+    """Where a block adapter put its budget: selected blocks per "layer:role" (empty for other methods)."""
+    from mftc_peft.blocks import module_role
+    from mftc_peft.search import layer_index
+
+    tuner = getattr(model, "base_model", None)
+    if not hasattr(tuner, "block_selection"):
+        return {}
+    counts: dict[str, int] = {}
+    for name, ids in tuner.block_selection().items():
+        key = f"{layer_index(name)}:{module_role(name)}"
+        counts[key] = counts.get(key, 0) + len(ids)
+    return {"blocks_by_layer_role": dict(sorted(counts.items()))}

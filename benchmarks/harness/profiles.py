@@ -113,6 +113,12 @@ PROFILES = {
                                warmup_steps=8),
         },
     ),
+    "lab_long": Profile(
+        # The method lab's decision length: the protocol's 2,000 training snippets x 3 epochs (189 steps), scored on
+        # its own 1,000-snippet validation split (selection_study.py only; it never touches the test split).
+        name="lab_long", seeds=5, sweep=True, methods=ALL_METHODS, tasks=("cls",), lr_grids=CPU_LR_GRID,
+        settings={"cls": TaskSettings(n_train=3000, n_val=1000, n_test=1000, batch_size=32, epochs=3, max_length=64)},
+    ),
     "quick": Profile(
         name="quick", seeds=1, sweep=False, methods=("mftc", "lora", "random_blocks", "top_energy", "bias"),
         tasks=("cls",),

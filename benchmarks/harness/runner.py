@@ -14,7 +14,7 @@ import torch
 
 from mftc_peft.training_utils import iterate_batches
 
-from .measures import adapter_bytes, device_name, peak_memory, trainable_counts, versions
+from .measures import adapter_bytes, device_name, peak_memory, selection_summary, trainable_counts, versions
 from .methods import Context, Skip, build
 from .profiles import PROFILES
 from .tasks import make_task, trim_padding
@@ -76,7 +76,8 @@ def _run(spec: dict, task, device: torch.device) -> dict:
         "trainable_params": total, "trainable_params_no_head": no_head,
         "setup_seconds": built.setup_seconds, "warmup_seconds": built.warmup_seconds, "train_seconds": result.seconds,
         "wall_seconds": built.setup_seconds + built.warmup_seconds + result.seconds, "eval_seconds": eval_seconds,
-        "first_loss": result.losses[0], "last_loss": result.losses[-1],
+        "first_loss": result.losses[0], "last_loss": result.losses[-1], "losses": [round(x, 5) for x in result.losses],
+        **selection_summary(built.model),
         "adapter_bytes": size, "adapter_file": size_kind, **peak_memory(device),
         "threads": torch.get_num_threads(), **info, **(finalize() if finalize else {}),
     }
