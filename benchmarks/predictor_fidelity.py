@@ -3,7 +3,7 @@
 Packaged all-MiniLM-L6-v2 + Rotten Tomatoes (2,000 training snippets, a separate held-out test set, max 64 tokens,
 batch 32). Steps:
 
-1. Per-block gradients on the first `--grad-batches` training batches (`block_gradient_statistics`): block energies
+1. Per-block gradients on the first `--grad-batches` training batches (`measure_blocks`, the warm-up's measurement): block energies
    (accumulated squared gradient) and the projections the taylor probe needs.
 2. Module library (a stand-in until DSCA plugs in; see `layer_library`): per transformer layer, fixed groupings of
    that layer's blocks, each taking the highest-energy blocks of its kind. The search space keeps per layer "none"
@@ -61,15 +61,11 @@ from mftc_peft.predictor import (  # noqa: E402
     predictor_fidelity,
     sample_architectures,
 )
-from mftc_peft.probes import (  # noqa: E402
-    block_gradient_statistics,
-    finetune_probe,
-    measure_selection,
-    regression_probe,
-    taylor_probe,
-)
+from mftc_peft.measure import measure_blocks  # noqa: E402
+from mftc_peft.probes import taylor_probe  # noqa: E402
+from mftc_peft.probes_finetune import finetune_probe, measure_selection, regression_probe  # noqa: E402
 from mftc_peft.search import BlockTable, build_search_space  # noqa: E402
-from mftc_peft.training_utils import encode_texts, iterate_batches, make_batches  # noqa: E402
+from mftc_peft.training import encode_texts, iterate_batches, make_batches  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 JSONL = RESULTS / "predictor_fidelity.jsonl"
@@ -238,11 +234,13 @@ def main() -> None:
 
     torch.manual_seed(args.seed)  # the new classification head (benchmark code may seed; the library never does)
     model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
-    peft_model = get_peft_model(model, MFTCConfig(task_type="SEQ_CLS"))
+    peft_model = get_peft_model(model, MFTCConfig(task_type="SEQ_CLS", warmup_steps=cfg["grad_batches"]))
     probe_kwargs = dict(lr=args.probe_lr, head_lr=args.head_lr, seed=args.seed, progress=True)
 
     # 1-2: gradient statistics, library, search space.
-    stats = block_gradient_statistics(peft_model, train_batches[: cfg["grad_batches"]])
+    t0 = time.perf_counter()
+    stats = measure_blocks(peft_model, train_batches[: cfg["grad_batches"]], progress=True)
+    measure_seconds = time.perf_counter() - t0
     library, module_names = layer_library(stats.table)
     space = build_search_space(library, stats.table, grouping="layer", max_candidates=cfg["max_candidates"])
     counts = space.n_candidates_per_node
@@ -254,7 +252,7 @@ def main() -> None:
     t0 = time.perf_counter()
     taylor = taylor_probe(space, stats.projections, lr=1.0)
     probes["taylor"] = dict(models=models_from_probes(taylor, counts, base_accuracy=0.0, base_loss=0.0),
-                            seconds=stats.seconds + time.perf_counter() - t0, forward=len(stats.projections),
+                            seconds=measure_seconds + time.perf_counter() - t0, forward=len(stats.projections),
                             backward=len(stats.projections), fit=np.zeros((0, len(counts)), dtype=np.int64))
     report = finetune_probe(peft_model, space, warmup, probe_eval, probe_steps=cfg["probe_steps"],
                             probe_repeats=cfg["probe_repeats"], **probe_kwargs)

@@ -20,7 +20,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import mftc_peft
 from mftc_peft import MFTCConfig, assets
-from mftc_peft.training_utils import encode_texts, evaluate, iterate_batches, make_batches, train_steps
+from mftc_peft.training import encode_texts, evaluate, iterate_batches, make_batches, train_steps
 
 RESULTS = Path(__file__).parent / "results"
 LORA_R8_ALL_LINEAR_MINILM = 331_776  # LoRA r=8 on all 36 linear targets of MiniLM-L6 (benchmark protocol)
@@ -54,8 +54,7 @@ def main() -> None:
     peft_model.train()
     log = train_steps(
         peft_model, iterate_batches(train, args.batch, seed=args.seed, epochs=args.epochs),
-        params=[p for p in peft_model.parameters() if p.requires_grad], lr=args.lr, steps=steps, schedule="linear",
-        progress=True,
+        lr=args.lr, steps=steps, schedule="linear", progress=True,
     )
     loss, accuracy = evaluate(peft_model, make_batches(test, 64))
     total = warmup_s + log.seconds

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import mftc_peft  # noqa: E402
 from mftc_peft import MFTCConfig  # noqa: E402
-from mftc_peft.training_utils import evaluate, iterate_batches, make_batches, train_steps  # noqa: E402
+from mftc_peft.training import evaluate, iterate_batches, make_batches, train_steps  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -72,8 +72,7 @@ def main(argv=None) -> dict:
     peft_model.train()
     log = train_steps(
         peft_model, iterate_batches(train, args.batch_size, seed=args.seed, epochs=None),
-        params=[p for p in peft_model.parameters() if p.requires_grad], lr=args.lr, steps=args.max_steps,
-        schedule="linear", progress=True, desc="train (mftc)",
+        lr=args.lr, steps=args.max_steps, schedule="linear", progress=True, desc="train (mftc)",
     )
     after = perplexity(peft_model, test, args.batch_size)
     print(f"act V perplexity after {log.steps} steps ({log.seconds:.1f} s): {after:.2f} (before {before:.2f}; "

@@ -20,7 +20,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer  # no
 
 import mftc_peft  # noqa: E402  (registers the `mftc` tuner type: needed before PeftModel.from_pretrained)
 from mftc_peft import MFTCConfig  # noqa: E402
-from mftc_peft.training_utils import encode_texts, iterate_batches, train_steps  # noqa: E402
+from mftc_peft.training import encode_texts, iterate_batches, train_steps  # noqa: E402
 
 SELECTIONS = {
     "late": {"layer.5.attention.self.value": [0, 7], "layer.5.intermediate.dense": [3], "layer.4.output.dense": [3]},
@@ -47,9 +47,8 @@ def base_model(folder):
 def train_adapter(peft_model, name, data, steps, seed, batch_size):
     peft_model.set_adapter(name)  # the active adapter is the one that trains
     peft_model.train()
-    params = [p for p in peft_model.parameters() if p.requires_grad]
     batches = iterate_batches(data, batch_size, seed=seed, epochs=None)
-    train_steps(peft_model, batches, params=params, lr=2e-3, steps=steps)
+    train_steps(peft_model, batches, lr=2e-3, steps=steps)  # trains the parameters that require gradients
 
 
 def logits(model, probe):

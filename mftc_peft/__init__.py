@@ -12,13 +12,20 @@ check_peft_version()
 from . import assets  # noqa: E402, F401  (mftc_peft.assets.minilm_dir() etc.)
 from .blocks import BlockGrid, make_grid  # noqa: E402
 from .config import MFTCConfig  # noqa: E402
-from .diagnostics import WarmupReport  # noqa: E402
 from .dsca import DynamicSpectralClustering  # noqa: E402
 from .layer import MFTCLayer  # noqa: E402
+from .measure import BlockMeasurement, measure_blocks  # noqa: E402
 from .model import MFTCModel  # noqa: E402
-from .registry import register  # noqa: E402
+from .registry import register_tuner  # noqa: E402
+from .report import WarmupReport  # noqa: E402
 from .spectral import SpectralCoordinator  # noqa: E402
-from .warmup import BlockMeasurement, compute_selection, measure_blocks, warmup  # noqa: E402
+from .warmup import compute_selection, warmup  # noqa: E402
+
+
+def register():
+    """Make `mftc` a PEFT tuner type (`PeftType.MFTC`). Importing the package does it; calling it again is harmless."""
+    return register_tuner(MFTCConfig, MFTCModel)
+
 
 register()
 

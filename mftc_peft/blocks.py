@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 import torch
 
 AXES = ("in", "out")
+AXIS_CHOICES = ("auto", *AXES)  # "auto": `default_axis` decides per module
 
 # Module-name suffixes by role. "Producers" emit per-head / per-neuron features and are cut along "out"; "consumers"
 # read them and are cut along "in", so head h (or neuron group g) has the same block id in both.
@@ -100,6 +101,12 @@ class BlockGrid:
     def segment_ids(self) -> torch.Tensor:
         """Block id of every position along the block axis: the key for per-block reductions (`index_add`)."""
         return torch.arange(self.length) // self.width
+
+    def lines(self, tensor: torch.Tensor, *, fan_in_fan_out: bool) -> torch.Tensor:
+        """A weight (or its gradient) in its storage layout seen as lines along the block axis: a (length,
+        other_length) view, so that block b is rows `bounds(b)`. Conv1D (`fan_in_fan_out`) stores (in, out)."""
+        tensor = tensor.T if fan_in_fan_out else tensor  # (out, in): nn.Linear's layout
+        return tensor if self.axis == "out" else tensor.T
 
     def check_ids(self, block_ids: Iterable[int], *, name: str = "block_selection") -> list[int]:
         """Validate a selection: integer ids in 0..n_blocks-1, no duplicates. Returns them as a list of ints."""

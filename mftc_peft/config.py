@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from peft.config import PeftConfig
 
-from .registry import MFTC_NAME, _add_peft_type_member
+from .blocks import AXIS_CHOICES
+from .checks import check_choice, check_int, check_range, is_int, is_real
+from .graph import SIMILARITIES
+from .probes import PROBES
+from .registry import mftc_peft_type
+from .search import GROUPINGS
+from .selection import METHODS as SEARCH_METHODS
+from .signatures import KINDS as SIGNATURE_KINDS
 
-BLOCK_AXES = ("auto", "in", "out")
-BIAS_OPTIONS = ("none", "all", "mftc_only")
-SIGNATURE_KINDS = ("energy", "sketch")
-SIMILARITIES = ("cosine", "gaussian")
-PROBES = ("taylor", "finetune", "regression")
-SEARCH_METHODS = ("exact", "greedy", "auto")
-NODE_GROUPINGS = ("layer", "module")
+BIAS_OPTIONS = ("none", "all", "mftc_only")  # PEFT's own bias options (BaseTuner marks the biases trainable)
 
 
 @dataclass
@@ -182,62 +182,52 @@ class MFTCConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.peft_type = _add_peft_type_member(MFTC_NAME.upper())
+        self.peft_type = mftc_peft_type()
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, (list, tuple)):
             self.exclude_modules = set(self.exclude_modules)
-        _check_positive_int("block_size", self.block_size)
-        _check_choice("block_axis", self.block_axis, BLOCK_AXES)
-        _check_choice("bias", self.bias, BIAS_OPTIONS)
+        check_int("block_size", self.block_size)
+        check_choice("block_axis", self.block_axis, AXIS_CHOICES)
+        check_choice("bias", self.bias, BIAS_OPTIONS)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"`seed` must be an integer, got {self.seed!r}")
         self.block_selection = _normalise_selection(self.block_selection)
         _check_budget(self.budget)
         for name in ("warmup_steps", "dsca_every", "signature_window", "n_clusters", "embed_dim", "max_candidates"):
-            _check_positive_int(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         for name in ("probe_steps", "probe_repeats"):
-            _check_positive_int(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         for name in ("n_neighbors", "max_module_size"):
             if getattr(self, name) is not None:
-                _check_positive_int(name, getattr(self, name))
-        _check_positive_int("reset_every", self.reset_every)
-        _check_positive_int("min_module_size", self.min_module_size)
-        _check_choice("signature_kind", self.signature_kind, SIGNATURE_KINDS)
-        _check_choice("similarity", self.similarity, SIMILARITIES)
-        _check_choice("probe", self.probe, PROBES)
-        _check_choice("search_method", self.search_method, SEARCH_METHODS)
-        if not (isinstance(self.node_grouping, str) and self.node_grouping in NODE_GROUPINGS) and not (
+                check_int(name, getattr(self, name))
+        check_int("reset_every", self.reset_every)
+        check_int("min_module_size", self.min_module_size)
+        check_choice("signature_kind", self.signature_kind, SIGNATURE_KINDS)
+        check_choice("similarity", self.similarity, SIMILARITIES)
+        check_choice("probe", self.probe, PROBES)
+        check_choice("search_method", self.search_method, SEARCH_METHODS)
+        if not (isinstance(self.node_grouping, str) and self.node_grouping in GROUPINGS) and not (
             isinstance(self.node_grouping, int) and not isinstance(self.node_grouping, bool) and self.node_grouping > 0
         ):
             raise ValueError(
-                f"`node_grouping` must be one of {NODE_GROUPINGS} or a positive integer, got {self.node_grouping!r}"
+                f"`node_grouping` must be one of {GROUPINGS} or a positive integer, got {self.node_grouping!r}"
             )
-        _check_range("ema_decay", self.ema_decay, 0.0, 1.0, "in [0, 1)")
-        _check_range("max_node_share", self.max_node_share, 0.5, float("inf"), "a number >= 0.5")
-        _check_range("spectral_filter", self.spectral_filter, 0.0, 1.0, "in [0, 1)")
-        _check_range("spectral_reg", self.spectral_reg, 0.0, float("inf"), "a number >= 0")
-        _check_range("confidence", self.confidence, 0.0, float("inf"), "a number >= 0")
+        check_range("ema_decay", self.ema_decay, 0.0, 1.0, "in [0, 1)")
+        check_range("max_node_share", self.max_node_share, 0.5, float("inf"), "a number >= 0.5")
+        check_range("spectral_filter", self.spectral_filter, 0.0, 1.0, "in [0, 1)")
+        check_range("spectral_reg", self.spectral_reg, 0.0, float("inf"), "a number >= 0")
+        check_range("confidence", self.confidence, 0.0, float("inf"), "a number >= 0")
         if not isinstance(self.head_warmup_steps, int) or isinstance(self.head_warmup_steps, bool) or (
             self.head_warmup_steps < 0
         ):
             raise ValueError(f"`head_warmup_steps` must be a non-negative integer, got {self.head_warmup_steps!r}")
-        if not (_is_real(self.head_warmup_lr) and self.head_warmup_lr > 0):
+        if not (is_real(self.head_warmup_lr) and self.head_warmup_lr > 0):
             raise ValueError(f"`head_warmup_lr` must be a positive number, got {self.head_warmup_lr!r}")
-        if not (_is_real(self.probe_lr) and self.probe_lr > 0):
+        if not (is_real(self.probe_lr) and self.probe_lr > 0):
             raise ValueError(f"`probe_lr` must be a positive number, got {self.probe_lr!r}")
-        if self.loss_threshold is not None and not _is_real(self.loss_threshold):
+        if self.loss_threshold is not None and not is_real(self.loss_threshold):
             raise ValueError(f"`loss_threshold` must be a number or None, got {self.loss_threshold!r}")
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_range(name: str, value, low: float, high: float, rule: str) -> None:
-    """`low <= value < high` (inf allowed as `high`)."""
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value < high):
-        raise ValueError(f"`{name}` must be {rule}, got {value!r}")
 
 
 def _check_budget(budget) -> None:
@@ -247,24 +237,6 @@ def _check_budget(budget) -> None:
         raise ValueError(f"`budget` as an int is a count of trainable elements and must be positive, got {budget!r}")
     if isinstance(budget, float) and not 0.0 < budget <= 1.0:
         raise ValueError(f"`budget` as a float is a share of the target weights and must be in (0, 1], got {budget!r}")
-
-
-def _check_positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-
-
-def _check_choice(name: str, value, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
-
-
-def _is_integer(value) -> bool:
-    try:
-        operator.index(value)
-    except TypeError:
-        return False
-    return True
 
 
 def _normalise_selection(selection) -> dict[str, list[int]]:
@@ -280,7 +252,7 @@ def _normalise_selection(selection) -> dict[str, list[int]]:
         if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
             raise ValueError(f"`block_selection[{key!r}]` must be a list of block ids, got {ids!r}")
         ids = list(ids)
-        if any(isinstance(i, bool) or not _is_integer(i) or i < 0 for i in ids):
+        if any(not is_int(i) or i < 0 for i in ids):
             raise ValueError(f"`block_selection[{key!r}]` block ids must be non-negative integers, got {ids!r}")
         ids = [operator.index(i) for i in ids]  # numpy / torch integers -> int, so the config stays JSON-safe
         if len(set(ids)) != len(ids):

@@ -22,6 +22,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
 
 from . import graph
+from .checks import is_int
 from .eigensolver import _laplacian_eigenvectors
 from .module_library import _cluster_embedding, build_library
 from .spectral_diagnostics import eigengap, energy_concentration, label_agreement, subspace_drift
@@ -32,10 +33,6 @@ logger = logging.getLogger(__name__)
 # anything that moves a k-means assignment.
 _AUTO_TOL = 1e-3
 _EXPLORE_FRACTION = 4  # a warm graph refresh samples k/4 two-hop and k/4 random candidates per node
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class DynamicSpectralClustering(BaseEstimator):
@@ -119,25 +116,25 @@ class DynamicSpectralClustering(BaseEstimator):
     # ------------------------------------------------------------------ validation
     def _validate_params(self):
         checks = [
-            (_is_int(self.n_clusters) and self.n_clusters >= 1, "n_clusters", "a positive integer"),
-            (_is_int(self.embed_dim) and self.embed_dim >= 1, "embed_dim", "a positive integer"),
+            (is_int(self.n_clusters) and self.n_clusters >= 1, "n_clusters", "a positive integer"),
+            (is_int(self.embed_dim) and self.embed_dim >= 1, "embed_dim", "a positive integer"),
             (isinstance(self.ema_decay, numbers.Real) and 0 <= self.ema_decay < 1, "ema_decay", "a number in [0, 1)"),
             (self.similarity in graph.SIMILARITIES, "similarity", f"one of {graph.SIMILARITIES}"),
             (self.bandwidth is None or (isinstance(self.bandwidth, numbers.Real) and self.bandwidth > 0),
              "bandwidth", "None or a positive number"),
-            (self.n_neighbors is None or (_is_int(self.n_neighbors) and self.n_neighbors >= 1),
+            (self.n_neighbors is None or (is_int(self.n_neighbors) and self.n_neighbors >= 1),
              "n_neighbors", "None or a positive integer"),
             (self.top_p is None or (isinstance(self.top_p, numbers.Real) and 0 < self.top_p <= 1),
              "top_p", "None or a number in (0, 1]"),
-            (_is_int(self.reset_every) and self.reset_every >= 1, "reset_every", "a positive integer"),
-            (_is_int(self.min_module_size) and self.min_module_size >= 1, "min_module_size", "a positive integer"),
-            (self.max_module_size is None or (_is_int(self.max_module_size) and _is_int(self.min_module_size)
+            (is_int(self.reset_every) and self.reset_every >= 1, "reset_every", "a positive integer"),
+            (is_int(self.min_module_size) and self.min_module_size >= 1, "min_module_size", "a positive integer"),
+            (self.max_module_size is None or (is_int(self.max_module_size) and is_int(self.min_module_size)
                                               and self.max_module_size >= 2 * self.min_module_size),
              "max_module_size", "None or an integer >= 2 * min_module_size (so a halved module stays large enough)"),
-            (_is_int(self.exact_threshold) and self.exact_threshold >= 0, "exact_threshold", "a non-negative integer"),
+            (is_int(self.exact_threshold) and self.exact_threshold >= 0, "exact_threshold", "a non-negative integer"),
             (self.eigen_tol == "auto" or (isinstance(self.eigen_tol, numbers.Real) and self.eigen_tol > 0),
              "eigen_tol", '"auto" or a positive number'),
-            (_is_int(self.max_iter) and self.max_iter >= 1, "max_iter", "a positive integer"),
+            (is_int(self.max_iter) and self.max_iter >= 1, "max_iter", "a positive integer"),
         ]
         for ok, name, rule in checks:
             if not ok:

@@ -125,19 +125,15 @@ class MFTCLayer(BaseTunerLayer):
         return result
 
     # ----- merge ---------------------------------------------------------------------------------------------------
-    def _line_dim(self, adapter_name: str) -> int:
-        """Weight dimension that the adapter's block axis maps to (Conv1D stores the transpose of nn.Linear)."""
-        return 0 if (self.mftc_grid[adapter_name].axis == "out") != self.fan_in_fan_out else 1
+    def _lines(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """`weight` as a (length, other_length) view of lines along the adapter's block axis."""
+        return self.mftc_grid[adapter_name].lines(weight, fan_in_fan_out=self.fan_in_fan_out)
 
     def _read_lines(self, weight: torch.Tensor, adapter_name: str, positions: torch.Tensor) -> torch.Tensor:
-        lines = weight.index_select(self._line_dim(adapter_name), positions)
-        return lines if self._line_dim(adapter_name) == 0 else lines.T
+        return self._lines(weight, adapter_name).index_select(0, positions)
 
     def _write_lines(self, weight: torch.Tensor, adapter_name: str, positions: torch.Tensor, lines) -> None:
-        if self._line_dim(adapter_name) == 0:
-            weight[positions] = lines.to(weight.dtype)
-        else:
-            weight[:, positions] = lines.T.to(weight.dtype)
+        self._lines(weight, adapter_name)[positions] = lines.to(weight.dtype)  # a view: writes into `weight`
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)

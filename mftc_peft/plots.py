@@ -63,13 +63,6 @@ def plot_report(report, directory: Path) -> list[Path]:
         ax.set(xlabel="index", ylabel="eigenvalue", title="Smallest eigenvalues of the normalised Laplacian")
         save(fig, "laplacian_spectrum.png")
 
-    if report.fidelity and report.fidelity.get("predicted"):
-        fig, ax = plt.subplots(figsize=(4.5, 4.5))
-        ax.scatter(report.fidelity["predicted"], report.fidelity["measured"])
-        ax.set(xlabel="predicted", ylabel="measured",
-               title=f"Predictor fidelity (Spearman {report.fidelity.get('spearman', float('nan')):.2f})")
-        save(fig, "predicted_vs_measured.png")
-
     per_layer = report.elements_per_layer()
     if per_layer:
         fig, ax = plt.subplots(figsize=(6, 3.5))

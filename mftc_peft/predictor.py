@@ -20,6 +20,8 @@ import numpy as np
 from scipy.stats import spearmanr
 from sklearn.metrics import mean_absolute_error, r2_score
 
+from .checks import check_rng
+
 logger = logging.getLogger(__name__)
 
 
@@ -108,14 +110,6 @@ def _check_vector(values, name: str, n: int | None = None) -> np.ndarray:
         want = "a finite 1-D array" + ("" if n is None else f" of length {n}")
         raise ValueError(f"`{name}` must be {want}, got shape {out.shape}: {values!r}")
     return out
-
-
-def _check_rng(rng) -> np.random.Generator:
-    if isinstance(rng, np.random.Generator):
-        return rng
-    if isinstance(rng, numbers.Integral) and not isinstance(rng, bool) and rng >= 0:
-        return np.random.default_rng(int(rng))
-    raise ValueError(f"`rng` must be a numpy Generator or a non-negative integer seed, got {rng!r}")
 
 
 # -------------------------------------------------------------------------------------------------------- from probes
@@ -230,7 +224,7 @@ def sample_architectures(n_candidates_per_node: Sequence[int], n: int, rng) -> n
     total = math.prod(counts)
     if not (isinstance(n, numbers.Integral) and not isinstance(n, bool) and 0 <= n <= total):
         raise ValueError(f"`n` must be an integer in 0..{total} (the number of distinct architectures), got {n!r}")
-    return _sample_architectures(counts, int(n), _check_rng(rng))
+    return _sample_architectures(counts, int(n), check_rng("rng", rng))
 
 
 def _sample_architectures(counts: Sequence[int], n: int, rng: np.random.Generator) -> np.ndarray:

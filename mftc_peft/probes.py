@@ -3,13 +3,11 @@
 Three kinds (see the issue "Module search"):
 
 - "taylor" (here): a first-order estimate from per-block gradient statistics, no extra forward/backward passes. The
-  statistics come from the warm-up, or from `block_gradient_statistics` (probes_gradients.py).
+  statistics come from the warm-up's measurement (`mftc_peft.measure.measure_blocks`).
 - "finetune" (`finetune_probe`, probes_finetune.py): train the head plus one candidate at a time, against the head
   alone; the model is restored exactly after every probe (`preserved_state`).
 - "regression" (`regression_probe`, probes_finetune.py): train random architectures jointly and fit the additive
   model by least squares.
-
-All of them are importable from this module.
 
 Taylor estimate. One SGD step of size `lr` on the blocks C of a candidate moves the weights by -lr * gbar_C (gbar: the
 mean warm-up gradient), so to first order the loss changes by
@@ -36,22 +34,8 @@ from .search import SearchSpace
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "BlockGradientStatistics",
-    "ProbeBudget",
-    "ProbeReport",
-    "ProbeResult",
-    "SelectionMeasurement",
-    "batch_metrics",
-    "block_gradient_statistics",
-    "finetune_probe",
-    "gradient_projections",
-    "head_parameters",
-    "measure_selection",
-    "preserved_state",
-    "regression_probe",
-    "taylor_probe",
-]
+PROBES = ("taylor", "finetune", "regression")  # "taylor" here; the others in probes_finetune.py
+
 
 
 def gradient_projections(block_gradients) -> np.ndarray:
@@ -113,18 +97,3 @@ def _taylor_probe(space: SearchSpace, p: np.ndarray, lr: float) -> list[ProbeRes
         ProbeResult(i, c, float(d), float(-d), accuracy_spread=float(s), loss_spread=float(s), n_repeats=t)
         for (i, c), d, s in zip(keys, decrease, spread)
     ]
-
-
-# The model-training kinds live in their own files; imported last so that they can use everything above.
-from .probes_finetune import (  # noqa: E402
-    ProbeBudget,
-    ProbeReport,
-    SelectionMeasurement,
-    finetune_probe,
-    head_parameters,
-    measure_selection,
-    preserved_state,
-    regression_probe,
-)
-from .probes_gradients import BlockGradientStatistics, block_gradient_statistics  # noqa: E402
-from .training_utils import batch_metrics  # noqa: E402

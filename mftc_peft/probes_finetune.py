@@ -16,8 +16,6 @@ deterministic given `seed` with `dropout=False`).
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import logging
 import math
 import numbers
@@ -27,113 +25,24 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from tqdm.auto import tqdm
 
-from .model import mftc_tuner as _mftc_model  # the MFTCModel of a PeftModel
-from .predictor import AdditiveModel, ProbeResult, _check_rng, _fit_additive_model, _sample_architectures
+from .model import mftc_tuner
+from .checks import check_int, check_positive_number, check_rng
+from .predictor import AdditiveModel, ProbeResult, _fit_additive_model, _sample_architectures
 from .predictor import models_from_probes
 from .search import SearchSpace
-from .training_utils import (
+from .state import adapter_name_of, head_parameters, preserved_state
+from .training import (
     OPTIMIZERS,
     LossFn,
     TrainLog,
-    _check_positive_int,
-    _check_positive_number,
     evaluate,
     train_steps,
 )
 
 logger = logging.getLogger(__name__)
-
-_MISSING = object()
-
-
-# -------------------------------------------------------------------------------------------------------- the model
-def _adapter(mftc, adapter_name: str | None) -> str:
-    adapter_name = adapter_name or mftc.active_adapters[0]
-    if adapter_name not in mftc.peft_config:
-        raise ValueError(f"`adapter_name` must be one of {sorted(mftc.peft_config)!r}, got {adapter_name!r}")
-    return adapter_name
-
-
-def head_parameters(peft_model: nn.Module, adapter_name: str | None = None) -> list[nn.Parameter]:
-    """The adapter's `modules_to_save` parameters (e.g. a new classification head): what N_e trains."""
-    adapter_name = _adapter(_mftc_model(peft_model), adapter_name)
-    params = []
-    for module in peft_model.modules():
-        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-            params += list(module.modules_to_save[adapter_name].parameters())
-    return params
-
-
-@contextlib.contextmanager
-def preserved_state(peft_model: nn.Module, *, adapter_name: str | None = None, include_frozen: bool = False):
-    """Snapshot the model on entry and put it back exactly on exit, also when the body raises.
-
-    Restored: the adapter's block selection (the very delta Parameter and id-buffer objects, so optimisers that hold
-    them stay valid, and the config's `block_selection`), the values of every parameter that is trainable on entry or
-    belongs to the adapter's head (all parameters with `include_frozen=True`), every buffer, every `requires_grad` flag
-    and `.grad`, the train/eval flag of every module, and the global torch RNG state (CPU and, if initialised, CUDA).
-
-    Frozen base weights are not copied by default: probes never make them trainable. A merged adapter is refused,
-    because probing would then train on top of merged weights.
-    """
-    mftc = _mftc_model(peft_model)
-    adapter = _adapter(mftc, adapter_name)
-    layers = list(mftc.mftc_layers(adapter))
-    merged = [name for name, layer in layers if layer.merged]
-    if merged:
-        raise ValueError(f"`peft_model` must not be merged while probing, got merged layers {merged[:3]!r}")
-    config = mftc.peft_config[adapter]
-    rng_state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    modes = [(module, module.training) for module in peft_model.modules()]
-    structure = [
-        (
-            layer,
-            layer.mftc_grid[adapter],
-            layer.mftc_delta[adapter],
-            layer.mftc_idx[adapter],
-            layer.frozen_peft_weight_names.get(adapter, _MISSING),
-        )
-        for _, layer in layers
-    ]
-    selection = copy.deepcopy(config.block_selection)
-    head = {id(p) for p in head_parameters(peft_model, adapter)}
-    params = []
-    for p in dict.fromkeys(peft_model.parameters()):  # ordered and without duplicates (tied weights)
-        keep = include_frozen or p.requires_grad or id(p) in head
-        grad = None if p.grad is None else p.grad.detach().clone()
-        params.append((p, p.detach().clone() if keep else None, p.requires_grad, grad))
-    buffers = [(b, b.detach().clone()) for b in dict.fromkeys(peft_model.buffers())]
-    try:
-        yield peft_model
-    finally:
-        for layer, grid, delta, idx, frozen in structure:
-            layer.mftc_grid[adapter] = grid
-            layer.mftc_delta[adapter] = delta
-            layer.mftc_idx[adapter] = idx
-            if frozen is _MISSING:
-                layer.frozen_peft_weight_names.pop(adapter, None)
-            else:
-                layer.frozen_peft_weight_names[adapter] = frozen
-        config.block_selection = selection
-        with torch.no_grad():
-            for p, value, requires_grad, grad in params:
-                if value is not None:
-                    p.copy_(value)
-                p.requires_grad_(requires_grad)
-                p.grad = grad
-            for b, value in buffers:
-                b.copy_(value)
-        for module, training in modes:
-            module.training = training
-        torch.set_rng_state(rng_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-
 
 # ----------------------------------------------------------------------------------------------------------- report
 @dataclass(frozen=True)
@@ -192,12 +101,12 @@ def _check_common(peft_model, space, train_batches, eval_batches, probe_steps, l
         raise ValueError(f"`train_batches` must be a non-empty sequence of batch dicts, got {train_batches!r:.80}")
     if not isinstance(eval_batches, Sequence) or len(eval_batches) == 0:
         raise ValueError(f"`eval_batches` must be a non-empty sequence of batch dicts, got {eval_batches!r:.80}")
-    _check_positive_int(probe_steps, "probe_steps")
-    _check_positive_number(lr, "lr")
+    check_int("probe_steps", probe_steps)
+    check_positive_number("lr", lr)
     if head_lr is not None:
-        _check_positive_number(head_lr, "head_lr")
-    mftc = _mftc_model(peft_model)
-    return mftc, _adapter(mftc, adapter_name)
+        check_positive_number("head_lr", head_lr)
+    mftc = mftc_tuner(peft_model)
+    return mftc, adapter_name_of(mftc, adapter_name)
 
 
 def _batch_order(rng: np.random.Generator, n_batches: int, steps: int) -> np.ndarray:
@@ -237,10 +146,10 @@ def measure_selection(
     The building block of the probes, and of "measure an architecture for real" in benchmarks (with more steps and a
     `schedule="linear"` decay). `head_lr` defaults to `lr`.
     """
-    _check_positive_int(steps, "steps")
-    _check_positive_number(lr, "lr")
-    mftc = _mftc_model(peft_model)
-    adapter = _adapter(mftc, adapter_name)
+    check_int("steps", steps)
+    check_positive_number("lr", lr)
+    mftc = mftc_tuner(peft_model)
+    adapter = adapter_name_of(mftc, adapter_name)
     with preserved_state(peft_model, adapter_name=adapter):
         mftc.set_block_selection(selection, adapter, init_weights=True)
         deltas = [layer.mftc_delta[adapter] for _, layer in mftc.mftc_layers(adapter)]
@@ -327,8 +236,8 @@ def finetune_probe(
     """
     mftc, adapter = _check_common(peft_model, space, train_batches, eval_batches, probe_steps, lr, head_lr,
                                   optimizer, adapter_name)
-    probe_repeats = _check_positive_int(probe_repeats, "probe_repeats")
-    rng = _check_rng(seed)
+    probe_repeats = check_int("probe_repeats", probe_repeats)
+    rng = check_rng("seed", seed)
     s = _Settings(int(probe_steps), float(lr), float(head_lr or lr), optimizer, weight_decay, bool(dropout),
                   compute_loss)
     keys = list(iter_candidates(space))
@@ -405,7 +314,7 @@ def regression_probe(
         raise ValueError(f"`n_architectures` must be an integer in 2..{total}, got {n_architectures!r}")
     if not (isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and alpha >= 0):
         raise ValueError(f"`alpha` must be a non-negative number, got {alpha!r}")
-    rng = _check_rng(seed)
+    rng = check_rng("seed", seed)
     s = _Settings(int(probe_steps), float(lr), float(head_lr or lr), optimizer, weight_decay, bool(dropout),
                   compute_loss)
     arch = _sample_architectures(counts, int(n_architectures), rng)

@@ -37,14 +37,17 @@ def _add_peft_type_member(value: str) -> PeftType:
     return member
 
 
-def register() -> PeftType:
-    """Make `mftc` a PEFT tuner type. Idempotent: safe on a second import or `importlib.reload`."""
+def mftc_peft_type() -> PeftType:
+    """`PeftType.MFTC`, added to the enum on first use."""
+    return _add_peft_type_member(MFTC_NAME.upper())
+
+
+def register_tuner(config_cls: type, model_cls: type) -> PeftType:
+    """Register `config_cls` / `model_cls` as PEFT's `mftc` tuner type. Idempotent: safe on a second import or
+    `importlib.reload`. Takes the classes as arguments so that this module imports nothing of the package."""
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
-    from .config import MFTCConfig
-    from .model import MFTCModel
-
-    member = _add_peft_type_member(MFTC_NAME.upper())
+    member = mftc_peft_type()
     if member not in PEFT_TYPE_TO_TUNER_MAPPING:
-        register_peft_method(name=MFTC_NAME, config_cls=MFTCConfig, model_cls=MFTCModel, prefix=MFTC_PREFIX)
+        register_peft_method(name=MFTC_NAME, config_cls=config_cls, model_cls=model_cls, prefix=MFTC_PREFIX)
     return member

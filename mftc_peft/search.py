@@ -1,4 +1,4 @@
-"""Module search: the search space (nodes x candidate modules), plus the predictor and selection re-exported.
+"""Module search: the search space (nodes x candidate modules) that the probes value and the selection chooses from.
 
 The search space is built by a pure function from two inputs:
 
@@ -21,37 +21,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .predictor import (
-    AdditiveModel,
-    Fidelity,
-    ProbeResult,
-    fit_additive_model,
-    models_from_probes,
-    predictor_fidelity,
-    sample_architectures,
-)
-from .selection import SelectionResult, select_candidates
-
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "AdditiveModel",
-    "BlockTable",
-    "Candidate",
-    "Fidelity",
-    "ProbeResult",
-    "SearchNode",
-    "SearchSpace",
-    "SelectionResult",
-    "build_search_space",
-    "fit_additive_model",
-    "layer_index",
-    "models_from_probes",
-    "predictor_fidelity",
-    "sample_architectures",
-    "select_candidates",
-    "share_levels_up_to",
-]
 
 GROUPINGS = ("layer", "module")
 # `encoder.layer.3.`, `model.layers.3.`, GPT-2 `transformer.h.3.`, T5 `encoder.block.3.`

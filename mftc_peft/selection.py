@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -24,6 +23,8 @@ from typing import Sequence
 import numpy as np
 from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
+
+from .checks import check_number
 
 logger = logging.getLogger(__name__)
 
@@ -57,15 +58,6 @@ class SelectionResult:
 
 
 # --------------------------------------------------------------------------------------------------------- validation
-def _check_number(value, name: str, *, minimum: float | None = None, allow_inf: bool = True) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
-    ok = ok and (allow_inf or math.isfinite(value)) and (minimum is None or value >= minimum)
-    if not ok:
-        rule = "a non-negative number" if minimum == 0 else "a number"
-        raise ValueError(f"`{name}` must be {rule}, got {value!r}")
-    return float(value)
-
-
 def _check_arrays(arrays, name: str, reference: list[np.ndarray] | None, *, nonnegative: bool = False):
     """Per-node 1-D finite float arrays; with `reference`, one per node of the same length as it."""
     if isinstance(arrays, (str, bytes)):
@@ -134,8 +126,8 @@ def select_candidates(
     if not gains_:
         raise ValueError(f"`gains` must hold at least one node, got {gains!r}")
     sizes_ = _check_arrays(sizes, "sizes", gains_, nonnegative=True)
-    budget = _check_number(budget, "budget", minimum=0)
-    confidence = _check_number(confidence, "confidence", minimum=0, allow_inf=False)
+    budget = check_number("budget", budget, minimum=0)
+    confidence = check_number("confidence", confidence, minimum=0, allow_inf=False)
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
     for i, (g, s) in enumerate(zip(gains_, sizes_)):
@@ -148,7 +140,7 @@ def select_candidates(
     if loss_limit is not None:
         if losses_ is None:
             raise ValueError(f"`losses` must be given when `loss_limit` is, got loss_limit={loss_limit!r}")
-        loss_limit = _check_number(loss_limit, "loss_limit")
+        loss_limit = check_number("loss_limit", loss_limit)
     values = gains_
     if spread is not None:
         spread_ = _check_arrays(spread, "spread", gains_, nonnegative=True)

@@ -7,7 +7,7 @@ after each backward.
 
 Two kinds of signature per block (node):
 - "energy" (default, shape-agnostic): the block's mean squared gradient per micro-batch over a sliding window of the
-  last `window` micro-batches, as a double-centred log series (see `_energy_signatures`).
+  last `window` micro-batches, as a double-centred log series (see `energy_signatures`).
 - "sketch": a random linear sketch of the block's raw gradient summed over the window: lines summed with random
   signs by their offset inside the block, then the other axis count-sketched. The hashes are shared by all blocks,
   so the sketches of two blocks of one shape estimate the inner product of their gradients.
@@ -107,8 +107,7 @@ class SignatureCollector:
 
     def _reduce(self, index, grad):
         name, _, grid, fan_in_fan_out = self._targets[index]
-        g = grad.T if fan_in_fan_out else grad  # (out, in), nn.Linear terms
-        rows = (g if grid.axis == "out" else g.T).float()  # (length along the block axis, other_length)
+        rows = grid.lines(grad, fan_in_fan_out=fan_in_fan_out).float()  # (length along the block axis, other_length)
         segments = self._on_device("segments", index, rows.device, grid.segment_ids)
         per_row = rows.pow(2).sum(dim=1, dtype=torch.float64)  # (length,)
         energy = torch.zeros(grid.n_blocks, dtype=torch.float64, device=rows.device).index_add_(0, segments, per_row)
@@ -237,7 +236,7 @@ class SignatureCollector:
                     f"energy signatures need at least 2 folded micro-batches, got {self._filled}; run more backward "
                     "passes (each followed by `end_micro_batch()`) first"
                 )
-            return _energy_signatures(self._window())
+            return energy_signatures(self._window())
         if self._filled == 0:
             raise RuntimeError("sketch signatures need at least 1 folded micro-batch, got 0")
         return self._window().sum(axis=0)
@@ -267,7 +266,7 @@ def _signed_one_hot(buckets: torch.Tensor, signs: torch.Tensor, d: int) -> torch
     return matrix
 
 
-def _energy_signatures(window: np.ndarray) -> np.ndarray:
+def energy_signatures(window: np.ndarray) -> np.ndarray:
     """Double-centred log energies (m, T) from mean squared gradients per element (T, m).
 
     Per-element means make blocks of different sizes comparable. Gradient energies span orders of magnitude across

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mftc_peft import cli
+from mftc_peft.cli import app
 
 TINY = ["--max-train-samples", "64", "--max-eval-samples", "32", "--epochs", "1", "--warmup-steps", "4",
         "--max-length", "32", "--no-progress"]
@@ -22,7 +22,7 @@ def snapshot(folder: Path) -> dict:
 
 
 def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
+    code = app.main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -38,7 +38,7 @@ def one_line_error(capsys, *argv) -> str:
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
-    assert cli.main(["finetune", *TINY, "--output-dir", str(out)]) == 0
+    assert app.main(["finetune", *TINY, "--output-dir", str(out)]) == 0
     return out
 
 
@@ -183,20 +183,25 @@ def test_report_of_a_folder_without_a_run(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------------------- bench
 def test_bench_without_the_benchmark_scripts(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "bench_script", lambda: None)
+    monkeypatch.setattr(app, "bench_script", lambda: None)
     line = one_line_error(capsys, "bench")
     assert "benchmarks/run.py not found" in line and "source checkout" in line
 
 
 def test_bench_runs_the_quick_profile(monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(cli.subprocess, "run", lambda command, **kw: calls.append(command) or
+    monkeypatch.setattr(app.subprocess, "run", lambda command, **kw: calls.append(command) or
                         subprocess.CompletedProcess(command, 0))
     code, _, _ = run_cli(capsys, "bench", "--", "--methods", "mftc,lora")
     assert code == 0
     (command,) = calls
     assert command[0] == sys.executable and command[1].endswith(os.path.join("benchmarks", "run.py"))
     assert command[2:] == ["--profile", "quick", "--methods", "mftc,lora"]
+
+
+def test_bench_script_is_found_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the checkout: the script is found next to the package
+    assert app.bench_script() == Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 
 
 def test_python_dash_m_entry_point():

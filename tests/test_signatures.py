@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from mftc_peft.blocks import BlockGrid
-from mftc_peft.signatures import SignatureCollector, _energy_signatures
+from mftc_peft.signatures import SignatureCollector, energy_signatures
 
 
 class Conv1DLike(nn.Module):
@@ -65,18 +65,18 @@ def test_energies_match_full_gradient_and_grads_are_freed(model):
     sizes = collector.node_sizes()
     np.testing.assert_array_equal(sizes, [30, 30, 10, 24, 18])
     per_element = np.stack(expected) / sizes  # (T, m)
-    np.testing.assert_allclose(collector.signatures(), _energy_signatures(per_element), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(collector.signatures(), energy_signatures(per_element), rtol=1e-5, atol=1e-8)
 
 
 def test_energy_signature_is_double_centred_log():
     window = np.exp(np.random.default_rng(0).normal(size=(5, 4)))
-    sig = _energy_signatures(window)
+    sig = energy_signatures(window)
     assert sig.shape == (4, 5)
     np.testing.assert_allclose(sig.mean(axis=0), 0, atol=1e-12)
     np.testing.assert_allclose(sig.mean(axis=1), 0, atol=1e-12)
     # A factor shared by all blocks in one micro-batch (the batch's loss scale) leaves the signature unchanged.
     scaled = window * np.array([1.0, 10.0, 0.1, 3.0, 1.0])[:, None]
-    np.testing.assert_allclose(_energy_signatures(scaled), sig, atol=1e-10)
+    np.testing.assert_allclose(energy_signatures(scaled), sig, atol=1e-10)
 
 
 def test_window_slides_and_keeps_last_micro_batches(model):
@@ -89,7 +89,7 @@ def test_window_slides_and_keeps_last_micro_batches(model):
             _backward(linear, conv, seed)
             collector.end_micro_batch()
     last = np.stack([_reference_energy(linear, conv, seed) for seed in (2, 3)]) / collector.node_sizes()
-    np.testing.assert_allclose(collector.signatures(), _energy_signatures(last), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(collector.signatures(), energy_signatures(last), rtol=1e-5, atol=1e-8)
     assert collector.n_micro_batches == 4
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import json
 import os
@@ -97,11 +98,47 @@ def test_int_budget_is_a_count():
 
 
 def test_same_seed_same_selection_and_seed_matters_through_the_config():
-    selections = []
-    for _ in range(2):
-        _, model = warm_model(seed=3)
-        selections.append(mftc_peft.warmup(model, token_batches(6), progress=False).selection)
-    assert selections[0] == selections[1]
+    """`MFTCConfig.seed` is the one seed of MFTC's random choices: the same seed repeats a warm-up exactly, and another
+    seed changes what each seeded stream drives: the gradient sketches (the taylor probe's input), DSCA's clustering,
+    and the random initial deltas of `init_weights=False`."""
+
+    def report(seed):
+        _, model = warm_model(seed=seed)
+        result = mftc_peft.warmup(model, token_batches(6), progress=False).to_dict()
+        del result["timings"]
+        return result
+
+    first = report(3)
+    assert first["selection"] and report(3) == first
+
+    def measurement(seed, **overrides):
+        _, model = warm_model(seed=seed, **overrides)
+        return mftc_peft.measure_blocks(model, token_batches(6))
+
+    # the sketch hashes: the same seed sketches the same gradients identically, another seed differently
+    sketches = {seed: measurement(seed).projections for seed in (3, 4)}
+    assert np.array_equal(measurement(3).projections, sketches[3])
+    assert not np.allclose(sketches[3], sketches[4], rtol=1e-3, atol=0)
+
+    # DSCA's k-means and eigensolver (energy signatures use no sketch): the modules follow the seed
+    def partition(seed):
+        return {frozenset(module) for module in measurement(seed, signature_kind="energy").library}
+
+    assert partition(3) == partition(3)
+    assert len({frozenset(partition(seed)) for seed in (3, 4, 5)}) > 1
+
+    # random initial deltas for an explicit selection
+    def deltas(seed):
+        case = CASES_BY_NAME["bert"]
+        config = MFTCConfig(task_type="SEQ_CLS", seed=seed, init_weights=False,
+                            block_selection={"query": [0, 2], "intermediate.dense": [1]})
+        model = get_peft_model(case.model(), config)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "mftc_delta" in n and p.numel()}
+
+    same, other = deltas(3), deltas(4)
+    assert len(same) == 4 and all(p.abs().sum() > 0 for p in same.values())
+    assert all(torch.equal(p, deltas(3)[n]) for n, p in same.items())
+    assert all(not torch.equal(p, other[n]) for n, p in same.items())
 
 
 def test_failure_mid_warmup_leaves_model_bit_identical(monkeypatch):
@@ -159,11 +196,64 @@ def test_warmup_then_save_and_reload_in_fresh_process(tmp_path):
 
 
 @pytest.mark.parametrize("probe", ["finetune", "regression"])
-def test_training_probes_drive_the_selection(probe):
-    _, model = warm_model(probe=probe, probe_steps=1, probe_repeats=1, max_candidates=2, warmup_steps=4)
-    report = mftc_peft.warmup(model, token_batches(4), eval_dataloader=token_batches(2, seed=9), progress=False)
-    assert report.trainable_elements <= report.budget_elements
-    assert report.timings["probe"] > 0
+def test_training_probes_drive_the_selection(probe, monkeypatch):
+    """The search ranks what the training probe measured: the report carries the probe's loss deltas, and when the
+    probe's results name one helpful candidate, that candidate is exactly the selection, whichever node it is in."""
+    warmup_module = importlib.import_module("mftc_peft.warmup")  # the package attribute is the function
+    real_probe = getattr(warmup_module, f"{probe}_probe")
+    seen = {"calls": 0}
+
+    def probe_then_favour(peft_model, space, *args, **kwargs):
+        measured = real_probe(peft_model, space, *args, **kwargs)  # the real probe: trains and evaluates
+        seen.update(space=space, measured=measured, calls=seen["calls"] + 1, favoured=None)
+        node = seen["favour_node"]
+        if node is None:
+            return measured
+        candidates = space.nodes[node].candidates  # favour the largest candidate of the node that fits the budget
+        fits = [c for c, candidate in enumerate(candidates) if 0 < candidate.size <= seen["budget"]]
+        seen["favoured"] = (node, max(fits, key=lambda c: candidates[c].size))
+
+        def doctored(r):  # the favoured candidate lowers the loss, every other one raises it
+            delta = 0.0 if r.candidate == 0 else -1.0 if (r.node, r.candidate) == seen["favoured"] else 1.0
+            return dataclasses.replace(r, loss_delta=delta)
+
+        return dataclasses.replace(measured, results=tuple(doctored(r) for r in measured.results))
+
+    monkeypatch.setattr(warmup_module, f"{probe}_probe", probe_then_favour)
+
+    def run(favour_node=None):
+        _, model = warm_model(probe=probe, probe_steps=1, probe_repeats=1, max_candidates=2, warmup_steps=4)
+        grids = model.base_model.block_grids().values()
+        seen["budget"] = int(0.1 * sum(grid.in_features * grid.out_features for grid in grids))
+        seen["favour_node"], calls = favour_node, seen["calls"]
+        report = mftc_peft.warmup(model, token_batches(4), eval_dataloader=token_batches(2, seed=9), progress=False)
+        assert seen["calls"] == calls + 1 and report.timings["probe"] > 0
+        assert report.budget_elements == seen["budget"] and report.trainable_elements <= report.budget_elements
+        assert model.peft_config["default"].block_selection == report.selection
+        return report, seen["space"]
+
+    # the report's predictions are the probe's measurements, and only candidates measured as helpful are chosen
+    report, space = run()
+    node_index = {node.name: i for i, node in enumerate(space.nodes)}
+    measured = {(r.node, r.candidate): r.loss_delta for r in seen["measured"].results}
+    assert len(report.candidates) == len(measured) > 2 * len(space.nodes)
+    for record in report.candidates:
+        delta = measured[(node_index[record["node"]], record["candidate"])]
+        assert record["predicted_loss_delta"] == pytest.approx(delta, abs=1e-12)
+        assert record["predicted_gain"] == pytest.approx(-delta, abs=1e-12)
+    assert all(measured[(i, c)] < 0 for i, c in enumerate(report.solver["chosen"]) if c != 0)
+
+    # a probe that finds one helpful candidate gets exactly that candidate trained, in the first or the last node
+    selections = []
+    for favour_node in (0, len(space.nodes) - 1):
+        report, space = run(favour_node)
+        node, c = seen["favoured"]
+        candidate = space.nodes[node].candidates[c]
+        assert report.selection == {name: sorted(ids) for name, ids in candidate.blocks.items()}
+        assert report.trainable_elements == candidate.size > 0
+        assert report.solver["chosen"] == [c if n == node else 0 for n in range(len(space.nodes))]
+        selections.append(report.selection)
+    assert selections[0] != selections[1]
 
 
 def test_report_json_round_trip_and_plots(tmp_path):

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from peft import AdaLoraConfig, LoraConfig, ShiraConfig, get_peft_model
 
 import mftc_peft
 from mftc_peft import MFTCConfig, SpectralCoordinator
+from mftc_peft.training import TrainHooks
 
 from . import selections
 from .tasks import Task
@@ -47,18 +48,11 @@ class Context:
 
 
 @dataclass
-class Hooks:
-    extra_loss: Optional[Callable[[], torch.Tensor]] = None  # added to the loss before backward
-    after_backward: Optional[Callable[[], None]] = None  # between backward and the optimiser step
-    after_step: Optional[Callable[[int], None]] = None  # after the optimiser step, before zero_grad
-
-
-@dataclass
 class Built:
     model: torch.nn.Module
     setup_seconds: float = 0.0  # adapter construction (incl. PiSSA's SVD, AdaMSS's clustering)
     warmup_seconds: float = 0.0  # MFTC's warm-up / the ablation's selection (part of the wall time)
-    hooks: Hooks = field(default_factory=Hooks)
+    hooks: TrainHooks = field(default_factory=TrainHooks)  # what the method needs inside `train_steps`
     info: dict = field(default_factory=dict)
     is_peft: bool = True
 
@@ -92,7 +86,7 @@ def build_adalora(model, ctx):
         total_step=steps, tinit=tinit, tfinal=tfinal, deltaT=max(1, steps // 20), target_modules=ctx.task.targets,
     )
     peft_model, seconds = _timed_peft(model.to(ctx.device), config)
-    hooks = Hooks(after_step=lambda step: peft_model.base_model.update_and_allocate(step))
+    hooks = TrainHooks(after_step=lambda step: peft_model.base_model.update_and_allocate(step))
     built = Built(peft_model, setup_seconds=seconds, hooks=hooks,
                   info={"config": {"init_r": ADALORA_INIT_R, "target_r": ADALORA_TARGET_R, "tinit": tinit,
                                    "tfinal": tfinal, "total_step": steps}})
@@ -198,7 +192,7 @@ def build_mftc_spectral(model, ctx):
     graph = report.block_graph()
     coordinator = SpectralCoordinator(peft_model, graph.nodes, graph.affinity, beta=SPECTRAL_BETA, lam=SPECTRAL_LAMBDA)
     warm = time.perf_counter() - start
-    hooks = Hooks(extra_loss=coordinator.regularization, after_backward=coordinator.filter_gradients)
+    hooks = TrainHooks(extra_loss=coordinator.regularization, after_backward=coordinator.filter_gradients)
     return Built(peft_model, setup_seconds=seconds, warmup_seconds=warm, hooks=hooks,
                  info={"budget": ctx.lora_budget, "warmup_timings": report.timings,
                        "config": {"spectral_filter": SPECTRAL_BETA, "spectral_reg": SPECTRAL_LAMBDA},

@@ -12,13 +12,12 @@ from datetime import datetime, timezone
 
 import torch
 
-from mftc_peft.training_utils import iterate_batches
+from mftc_peft.training import iterate_batches, train_steps
 
 from .measures import adapter_bytes, device_name, peak_memory, selection_summary, trainable_counts, versions
 from .methods import Context, Skip, build
 from .profiles import PROFILES
 from .tasks import make_task, trim_padding
-from .training import train
 
 WARMUP_SEED_OFFSET = 10_000  # warm-up batches: their own seeded stream, the same for MFTC and every ablation
 
@@ -61,7 +60,11 @@ def _run(spec: dict, task, device: torch.device) -> dict:
     total, no_head = trainable_counts(built.model, task.is_head)
     torch.manual_seed(seed)  # dropout masks: the same stream for every method of a seed
     train_batches = map(trim_padding, iterate_batches(splits.train, bs, seed=seed, epochs=None))
-    result = train(built.model, train_batches, lr=spec["lr"], steps=steps, hooks=built.hooks, device=device)
+    # The one training loop every method runs: AdamW (weight decay 0), linear decay to 0, batches moved to the device;
+    # the method's hooks (AdaLoRA's rank allocation, MFTC's spectral coordination) inside it.
+    built.model.train()
+    result = train_steps(built.model, train_batches, lr=spec["lr"], steps=steps, schedule="linear",
+                         hooks=built.hooks, device=device)
     split = "val" if spec["phase"] == "sweep" else "test"
     start = time.perf_counter()
     metrics = task.evaluate(built.model, getattr(splits, split), device)

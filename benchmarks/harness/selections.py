@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mftc_peft import measure_blocks
+from mftc_peft.measure import measure_blocks
+from mftc_peft.predictor import models_from_probes
 from mftc_peft.probes import taylor_probe
-from mftc_peft.search import (
-    BlockTable, build_search_space, models_from_probes, select_candidates, share_levels_up_to,
-)
+from mftc_peft.search import BlockTable, build_search_space, share_levels_up_to
+from mftc_peft.selection import select_candidates
 
 
 @dataclass

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mftc_peft.training_utils import encode_texts, evaluate, make_batches
+from mftc_peft.training import encode_texts, evaluate, make_batches
 
 from .profiles import TaskSettings
 

@@ -1,4 +1,4 @@
-"""`WarmupReport`: what the warm-up measured, clustered, predicted and chose; JSON and plots.
+"""`WarmupReport`: what the warm-up measured, clustered, predicted and chose; how it is built, its JSON and plots.
 
 The report is plain data (lists, dicts, floats), so `to_json` needs no custom encoder and a saved report can be
 re-read and re-plotted without the model (`WarmupReport.from_json`).
@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .search import layer_index
 
 
 class BlockGraph(NamedTuple):
@@ -34,7 +35,6 @@ class WarmupReport:
     modules : the module library (blocks, size, energy, stability per module).
     candidates : per search node, its candidates with size, predicted gain / loss delta and spread.
     solver : objective, LP bound, gap, method and status of the constrained selection.
-    fidelity : predictor fidelity (Spearman, MAE, R^2) where it was measured, else None.
     diagnostics : energy concentration kappa(r), stability (ARI/NMI), subspace drift, eigengap, eigenvalues.
     timings : seconds per stage ('signatures', 'dsca', 'probe', 'search', 'inject', 'total').
     selected_blocks : one record per selected block: module, block, layer (-1 if unknown), size, DSCA label.
@@ -50,7 +50,6 @@ class WarmupReport:
     modules: list[dict] = field(default_factory=list)
     candidates: list[dict] = field(default_factory=list)
     solver: dict = field(default_factory=dict)
-    fidelity: dict | None = None
     diagnostics: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     selected_blocks: list[dict] = field(default_factory=list)
@@ -77,7 +76,9 @@ class WarmupReport:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "WarmupReport":
-        return cls(**json.loads(Path(path).read_text()))
+        data = json.loads(Path(path).read_text())
+        data.pop("fidelity", None)  # written (always None) by reports of version 0.1.0 before it was dropped
+        return cls(**data)
 
     def summary(self) -> str:
         """A few lines for a terminal or a log."""
@@ -105,10 +106,81 @@ class WarmupReport:
         return dict(sizes)
 
     def plot(self, directory: str | Path) -> list[Path]:
-        """Write the module map, Laplacian spectrum, predicted-vs-measured and per-layer plots (needs matplotlib)."""
+        """Write the module map, Laplacian spectrum and per-layer plots (needs matplotlib)."""
         from . import plots
 
         return plots.plot_report(self, Path(directory))
+
+
+def build_report(*, selection, measurement, space, result, gain_model, loss_model, grids, budget, target_elements,
+                 config) -> WarmupReport:
+    """The report of one warm-up, from its measurement (`BlockMeasurement`), search space, predictor models and
+    solver result; it keeps DSCA's graph for spectral coordination."""
+    dsca, table = measurement.dsca, measurement.table
+    nodes = list(zip(table.module_names, table.block_ids.tolist()))
+    row_of = {node: row for row, node in enumerate(nodes)}
+    report = WarmupReport(
+        selection=selection,
+        trainable_elements=sum(grids[n].numel(ids) for n, ids in selection.items()),
+        budget_elements=budget,
+        target_elements=target_elements,
+        nodes=[list(node) for node in nodes],
+        labels=[int(label) for label in dsca.labels_],
+        modules=[_module_record(module, nodes) for module in dsca.modules_],
+        candidates=_candidate_records(space, gain_model, loss_model),
+        solver={k: v for k, v in asdict(result).items() if k != "chosen"} | {"chosen": list(result.chosen)},
+        diagnostics=_diagnostics(dsca) | {"node_layers": [_layer(name) for name, _ in nodes]},
+        selected_blocks=[
+            {"module": name, "block": b, "layer": _layer(name), "size": grids[name].numel([b]),
+             "label": int(dsca.labels_[row_of[(name, b)]])}
+            for name, ids in selection.items() for b in ids
+        ],
+        config={k: v for k, v in config.to_dict().items() if k != "block_selection"},
+    )
+    report.attach_graph(dsca.affinity_)
+    return report
+
+
+def _module_record(module, nodes) -> dict:
+    return {
+        "label": int(module.label),
+        "blocks": [list(nodes[i]) for i in module.nodes.tolist()],
+        "n_params": module.n_params,
+        "mean_energy": module.mean_energy,
+        "stability": module.stability,
+    }
+
+
+def _candidate_records(space, gain_model, loss_model) -> list[dict]:
+    records = []
+    for n, node in enumerate(space.nodes):
+        for c, candidate in enumerate(node.candidates):
+            records.append({
+                "node": node.name, "candidate": c, "module": candidate.module, "size": int(candidate.size),
+                "blocks": {k: list(v) for k, v in candidate.blocks.items()},
+                "predicted_gain": float(gain_model.deltas[n][c]),
+                "predicted_loss_delta": float(loss_model.deltas[n][c]),
+                "spread": None if gain_model.spread is None else float(gain_model.spread[n][c]),
+            })
+    return records
+
+
+def _diagnostics(dsca) -> dict:
+    last = dsca.history_[-1] if dsca.history_ else {}
+    return {
+        "eigenvalues": [float(v) for v in dsca.eigenvalues_],
+        "energy_concentration": last.get("energy_concentration"),
+        "stability_ari": last.get("ari_previous"),
+        "stability_nmi": last.get("nmi_previous"),
+        "subspace_drift": last.get("subspace_drift"),
+        "eigengap": last.get("eigengap"),
+        "history": dsca.history_,
+    }
+
+
+def _layer(name: str) -> int:
+    index = layer_index(name)
+    return -1 if index is None else index
 
 
 def _finite(value):

@@ -17,9 +17,9 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from .cli_data import TaskData
-from .cli_methods import Adapter, build_adapter, count_parameters
-from .training_utils import encode_texts, evaluate, iterate_batches, make_batches, n_examples
+from ..training import encode_texts, evaluate, iterate_batches, make_batches, n_examples, train_steps
+from .data import TaskData
+from .methods import Adapter, build_adapter, count_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def _finetune(data: TaskData, settings: RunSettings) -> RunResult:
     )
     report, warmup_seconds = None, 0.0
     if settings.method == "mftc":
-        from .warmup import warmup
+        from ..warmup import warmup
 
         # The warm-up reads its own pass of seeded batches (a different order from training's first epoch).
         batches = iterate_batches(train, settings.batch_size, seed=settings.seed + 1, epochs=None)
@@ -133,31 +133,26 @@ def _finetune(data: TaskData, settings: RunSettings) -> RunResult:
 def _train(adapter: Adapter, train, validation, settings: RunSettings, steps_per_epoch: int):
     """AdamW + linear decay; returns (per-epoch validation records, step losses, seconds spent training)."""
     model = adapter.model
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     total = settings.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: max(0.0, 1.0 - k / total))
-    batches = iterate_batches(train, settings.batch_size, seed=settings.seed, epochs=settings.epochs)
-    history, losses, seconds = [], [], 0.0
+    history, validation_seconds = [], 0.0
     bar = tqdm(total=total, desc=f"train ({settings.method})", disable=not settings.progress)
-    with contextlib.closing(bar):
-        for epoch in range(1, settings.epochs + 1):
-            model.train()
+
+    def on_step(step: int, loss: float) -> None:
+        nonlocal validation_seconds
+        epoch = step // steps_per_epoch + 1
+        bar.update(1)
+        bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
+        if validation is not None and (step + 1) % steps_per_epoch == 0:
             tic = time.perf_counter()
-            for _ in range(steps_per_epoch):
-                loss = model(**next(batches)).loss
-                loss.backward()
-                optimizer.step()
-                if adapter.after_step is not None:
-                    adapter.after_step(len(losses))  # AdaLoRA: after the step, while gradients are still there
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                losses.append(float(loss.detach()))
-                bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}")
-            seconds += time.perf_counter() - tic
-            if validation is not None:
-                val_loss, val_accuracy = evaluate(model, make_batches(validation, settings.batch_size))
-                history.append({"epoch": epoch, "loss": val_loss, "accuracy": val_accuracy})
-                logger.info("epoch %d: validation accuracy %.4f, loss %.4f", epoch, val_accuracy, val_loss)
-    return history, losses, seconds
+            val_loss, val_accuracy = evaluate(model, make_batches(validation, settings.batch_size))
+            history.append({"epoch": epoch, "loss": val_loss, "accuracy": val_accuracy})
+            logger.info("epoch %d: validation accuracy %.4f, loss %.4f", epoch, val_accuracy, val_loss)
+            validation_seconds += time.perf_counter() - tic
+
+    model.train()
+    with contextlib.closing(bar):
+        log = train_steps(
+            model, iterate_batches(train, settings.batch_size, seed=settings.seed, epochs=settings.epochs),
+            lr=settings.lr, steps=total, schedule="linear", hooks=adapter.hooks, on_step=on_step,
+        )
+    return history, list(log.losses), log.seconds - validation_seconds

@@ -7,13 +7,14 @@ LoRA r=8's trainable count on BERT-family encoders.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Optional
 
 from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
-from .config import MFTCConfig
-from .model import DEFAULT_TARGET_MODULES
+from ..config import MFTCConfig
+from ..model import DEFAULT_TARGET_MODULES
+from ..training import TrainHooks
 
 METHODS = ("mftc", "lora", "adalora", "pissa")
 # Defaults from the benchmark protocol's reference runs on MiniLM + Rotten Tomatoes, not tuned per dataset.
@@ -25,8 +26,8 @@ ADALORA_INIT_R = 12  # AdaLoRA starts 1.5x wider than its final rank (LoRA's 8) 
 @dataclass
 class Adapter:
     model: object  # the PeftModel
-    # AdaLoRA's rank allocation: called with the step index after the optimiser step and before zero_grad.
-    after_step: Optional[Callable[[int], None]] = None
+    # What the method needs inside the training loop: AdaLoRA's rank allocation after each optimiser step.
+    hooks: TrainHooks = field(default_factory=TrainHooks)
 
 
 def lora_targets(model):
@@ -53,7 +54,7 @@ def build_adapter(model, method: str, *, task_type: str, total_steps: int, seed:
             tfinal=total_steps // 5, deltaT=max(1, total_steps // 20), **common,
         )
         peft_model = get_peft_model(model, config)
-        return Adapter(peft_model, after_step=peft_model.base_model.update_and_allocate)
+        return Adapter(peft_model, TrainHooks(after_step=peft_model.base_model.update_and_allocate))
     raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
 
 

@@ -20,11 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_data import DEFAULT_SIZES, DataError, file_data, packaged_data
-from .cli_methods import DEFAULT_LR, METHODS
-from .cli_output import (ADAPTER, MANIFEST, METRICS, PLOTS, REPORT, OutputError, check_output_dir, clear_outputs,
+from .data import DEFAULT_SIZES, DataError, file_data, packaged_data
+from .methods import DEFAULT_LR, METHODS
+from .output import (ADAPTER, MANIFEST, METRICS, PLOTS, REPORT, OutputError, check_output_dir, clear_outputs,
                          format_metrics, load_run, write_json)
-from .cli_run import ModelError
+from .run import ModelError
 
 logger = logging.getLogger(__name__)
 USAGE_ERROR = 2  # argparse's exit status for bad command-line input
@@ -123,8 +123,8 @@ def _manifest_args(args) -> dict:
 
 
 def run_finetune(args) -> int:
-    from . import assets
-    from .cli_run import RunSettings, check_model_dir, finetune
+    from .. import assets
+    from .run import RunSettings, check_model_dir, finetune
 
     _check_finetune_args(args)
     args.lr = args.lr or DEFAULT_LR[args.method]
@@ -162,7 +162,7 @@ def _write_run(args, data, model_dir, result) -> None:
         result.report.to_json(out / REPORT)
         result.report.plot(out / PLOTS)
     write_json(out / METRICS, result.metrics)
-    from . import __version__
+    from .. import __version__
 
     write_json(out / MANIFEST, {
         "command": "finetune", "args": _manifest_args(args), "model": str(model_dir), "data": data.source,
@@ -173,7 +173,7 @@ def _write_run(args, data, model_dir, result) -> None:
 
 # ---------------------------------------------------------------------------------------------------------- report
 def run_report(args) -> int:
-    from .diagnostics import WarmupReport
+    from .. import WarmupReport
 
     manifest, metrics = load_run(args.run_dir)
     run_args = manifest.get("args", {})
@@ -198,7 +198,7 @@ def run_report(args) -> int:
 # ----------------------------------------------------------------------------------------------------------- bench
 def bench_script() -> Path | None:
     """benchmarks/run.py of the source checkout this package runs from (or of the current folder), if any."""
-    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
         if (root / BENCH_SCRIPT).is_file():
             return root / BENCH_SCRIPT
     return None

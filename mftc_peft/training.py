@@ -1,9 +1,10 @@
-"""Small training helpers shared by the probes, the warm-up, the CLI and the benchmarks.
+"""Data batching, evaluation and the one training loop: shared by the probes, the warm-up, the CLI and the benchmarks.
 
 Data is kept as one dict of equally long tensors (`encode_texts`: padded to `max_length` once); batches are index
 selections of it, trimmed to the longest sequence they contain. Batch orders come from a numpy Generator, so they are
-reproducible without touching torch's global RNG. `train_steps` and `evaluate` run plain loops over batch dicts that the
-model takes (with `labels`); losses come from `outputs.loss` or a `compute_loss(model, batch)` callable.
+reproducible without touching torch's global RNG. `train_steps` (the training loop, with `TrainHooks` for what some
+methods need inside it) and `evaluate` run plain loops over batch dicts that the model takes (with `labels`); losses
+come from `outputs.loss` or a `compute_loss(model, batch)` callable.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import numbers
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .predictor import _check_rng  # numpy Generator or non-negative int seed -> Generator
+from .checks import check_choice, check_int, check_number, check_positive_number, check_rng
 
 logger = logging.getLogger(__name__)
 
@@ -33,22 +33,10 @@ IGNORE_INDEX = -100  # label value that losses and accuracies skip (transformers
 LossFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], "torch.Tensor | tuple[torch.Tensor, object]"]
 
 
-def _check_positive_int(value, name: str) -> int:
-    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1):
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _check_positive_number(value, name: str) -> float:
-    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
-        raise ValueError(f"`{name}` must be a positive number, got {value!r}")
-    return float(value)
-
-
 # --------------------------------------------------------------------------------------------------------------- data
 def encode_texts(tokenizer, texts: Sequence[str], labels: Sequence[int] | None = None, *, max_length: int = 64):
     """Tokenise `texts` once, truncated and padded to `max_length`: a dict of (n, max_length) tensors (+ `labels`)."""
-    _check_positive_int(max_length, "max_length")
+    check_int("max_length", max_length)
     texts = list(texts)
     if labels is not None and len(labels) != len(texts):
         raise ValueError(f"`labels` must have one entry per text ({len(texts)}), got {len(labels)}")
@@ -83,9 +71,9 @@ def make_batches(
     data: Mapping[str, torch.Tensor], batch_size: int, *, rng=None, drop_last: bool = False
 ) -> list[dict[str, torch.Tensor]]:
     """One epoch of batches: in order, or shuffled by `rng` (a numpy Generator or an integer seed)."""
-    batch_size = _check_positive_int(batch_size, "batch_size")
+    batch_size = check_int("batch_size", batch_size)
     n = n_examples(data)
-    order = np.arange(n) if rng is None else _check_rng(rng).permutation(n)
+    order = np.arange(n) if rng is None else check_rng("rng", rng).permutation(n)
     stops = range(batch_size, n + 1 if drop_last else n + batch_size, batch_size)
     return [take(data, order[stop - batch_size : min(stop, n)]) for stop in stops]
 
@@ -103,8 +91,8 @@ def iterate_batches(
     `seed=None` keeps the data order. The same seed always yields the same batches.
     """
     if epochs is not None:
-        _check_positive_int(epochs, "epochs")
-    rng = None if seed is None else _check_rng(seed)
+        check_int("epochs", epochs)
+    rng = None if seed is None else check_rng("seed", seed)
     epoch = 0
     while epochs is None or epoch < epochs:
         yield from make_batches(data, batch_size, rng=rng, drop_last=drop_last)
@@ -112,7 +100,8 @@ def iterate_batches(
 
 
 # ------------------------------------------------------------------------------------------------------------ metrics
-def _loss_and_outputs(model: nn.Module, batch, compute_loss: LossFn | None):
+def loss_and_outputs(model: nn.Module, batch, compute_loss: LossFn | None):
+    """(loss, outputs) of a batch: `outputs.loss` by default, else `compute_loss(model, batch)` (outputs: maybe None)."""
     if compute_loss is None:
         outputs = model(**batch)
         loss = getattr(outputs, "loss", None)
@@ -143,7 +132,7 @@ def _correct_and_count(outputs, batch) -> tuple[int, int]:
 
 
 def _batch_stats(model, batch, compute_loss) -> tuple[float, int, int]:
-    loss, outputs = _loss_and_outputs(model, batch, compute_loss)
+    loss, outputs = loss_and_outputs(model, batch, compute_loss)
     correct, count = _correct_and_count(outputs, batch)
     return float(loss.detach()), correct, count
 
@@ -193,8 +182,23 @@ def evaluate(
 
 # ------------------------------------------------------------------------------------------------------------ training
 @dataclass(frozen=True)
+class TrainHooks:
+    """What some methods need inside the training loop; each is optional and called once per step.
+
+    `extra_loss()` returns a term added to the loss before backward (MFTC's spectral regulariser);
+    `after_backward()` runs between backward and the optimiser step (spectral gradient filtering);
+    `after_step(step)` runs after the optimiser step and before `zero_grad`, while the gradients are still there
+    (AdaLoRA's `update_and_allocate`), with the 0-based index of the step.
+    """
+
+    extra_loss: Callable[[], torch.Tensor] | None = None
+    after_backward: Callable[[], None] | None = None
+    after_step: Callable[[int], None] | None = None
+
+
+@dataclass(frozen=True)
 class TrainLog:
-    """What `train_steps` did: the loss of every step, the number of steps and the wall seconds."""
+    """What `train_steps` did: the loss of every step (extra loss term included), the number of steps, wall seconds."""
 
     losses: tuple[float, ...]
     steps: int
@@ -203,50 +207,67 @@ class TrainLog:
 
 def make_optimizer(params, *, lr: float, optimizer: str = "adamw", weight_decay: float = 0.0):
     """AdamW or SGD over `params` (tensors or param-group dicts; groups may set their own `lr`)."""
-    lr = _check_positive_number(lr, "lr")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {optimizer!r}")
-    if not (isinstance(weight_decay, numbers.Real) and weight_decay >= 0):
-        raise ValueError(f"`weight_decay` must be a non-negative number, got {weight_decay!r}")
+    lr = check_positive_number("lr", lr)
+    check_choice("optimizer", optimizer, OPTIMIZERS)
+    weight_decay = check_number("weight_decay", weight_decay, minimum=0, allow_inf=False)
     params = list(params)
     if optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
 
 
+def _synchronize(device: torch.device | None) -> None:
+    """Wait for queued GPU work, so that wall seconds measure the steps and not only their launch."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def train_steps(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
     *,
-    params,
     lr: float,
     steps: int | None = None,
+    params=None,
     optimizer: str = "adamw",
     weight_decay: float = 0.0,
     schedule: str = "constant",
     compute_loss: LossFn | None = None,
+    hooks: TrainHooks | None = None,
+    device: torch.device | str | None = None,
+    on_step: Callable[[int, float], None] | None = None,
     progress: bool = False,
     desc: str | None = None,
 ) -> TrainLog:
-    """Forward, backward and optimiser step on each batch, for `steps` steps (None: until `batches` runs out).
+    """The training loop: forward, backward and optimiser step on each batch, for `steps` steps (None: until
+    `batches` runs out). The probes, the command line, the examples and the benchmarks all train with it.
 
-    `params` (tensors or param-group dicts) are what the optimiser updates; which parameters receive gradients is up
-    to their `requires_grad` flags. Runs in the model's current train/eval mode and leaves gradients cleared (None).
-    `schedule="linear"` decays the learning rate linearly to 0 over `steps` (which must then be given).
+    Each step: loss (+ `hooks.extra_loss()`) -> backward -> `hooks.after_backward()` -> optimiser step ->
+    `hooks.after_step(step)` -> `zero_grad(set_to_none=True)` -> scheduler step -> `on_step(step, loss)`.
+
+    `params` (tensors or param-group dicts; None: every parameter of `model` that requires gradients) are what the
+    optimiser updates; which parameters receive gradients is up to their `requires_grad` flags. `optimizer` is
+    "adamw" or "sgd" with `weight_decay`; `schedule="linear"` decays the learning rate linearly to 0 over `steps`
+    (which must then be given), "constant" keeps it. `device` moves every batch there (None: batches are used as
+    they come). Runs in the model's current train/eval mode and leaves gradients cleared (None).
     """
     if steps is not None:
-        steps = _check_positive_int(steps, "steps")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"`schedule` must be one of {SCHEDULES}, got {schedule!r}")
+        steps = check_int("steps", steps)
+    check_choice("schedule", schedule, SCHEDULES)
     if schedule == "linear" and steps is None:
         raise ValueError("`steps` must be given with `schedule='linear'`, got None")
+    hooks = TrainHooks() if hooks is None else hooks
+    device = None if device is None else torch.device(device)
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, lr=lr, optimizer=optimizer, weight_decay=weight_decay)
     scheduler = None
     if schedule == "linear":
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: max(0.0, 1.0 - k / steps))
-    start, losses = time.perf_counter(), []
-    batches = iter(batches)
+    losses, batches = [], iter(batches)
     bar = tqdm(total=steps, desc=desc or "train", disable=not progress, leave=False)
+    _synchronize(device)
+    start = time.perf_counter()
     try:
         while steps is None or len(losses) < steps:
             try:
@@ -255,15 +276,27 @@ def train_steps(
                 if steps is not None:
                     raise ValueError(f"`batches` ran out after {len(losses)} of {steps} steps") from None
                 break
-            loss, _ = _loss_and_outputs(model, batch, compute_loss)
+            step = len(losses)
+            if device is not None:
+                batch = {key: value.to(device) for key, value in batch.items()}
+            loss, _ = loss_and_outputs(model, batch, compute_loss)
+            if hooks.extra_loss is not None:
+                loss = loss + hooks.extra_loss()
             loss.backward()
+            if hooks.after_backward is not None:
+                hooks.after_backward()
             opt.step()
+            if hooks.after_step is not None:
+                hooks.after_step(step)
             opt.zero_grad(set_to_none=True)
             if scheduler is not None:
                 scheduler.step()
             losses.append(float(loss.detach()))
             bar.update(1)
+            if on_step is not None:
+                on_step(step, losses[-1])
     finally:
         bar.close()
         opt.zero_grad(set_to_none=True)
+    _synchronize(device)
     return TrainLog(tuple(losses), len(losses), time.perf_counter() - start)

@@ -63,7 +63,7 @@ class TaskData:
 # ------------------------------------------------------------------------------------------------------ packaged data
 def packaged_data(seed: int) -> TaskData:
     """The packaged Rotten Tomatoes snippets (rotten = 0, fresh = 1), split by a permutation seeded with `seed`."""
-    from .assets import load_rotten_tomatoes
+    from ..assets import load_rotten_tomatoes
 
     corpus = load_rotten_tomatoes()
     order = np.random.default_rng(seed).permutation(len(corpus.texts))
