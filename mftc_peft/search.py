@@ -250,7 +250,7 @@ def _truncations(table: BlockTable, rows: np.ndarray, caps: Sequence[float]) -> 
 
 
 def _build_search_space(
-    modules: list[np.ndarray], table: BlockTable, grouping, max_candidates, budget=None, share_levels=SHARE_LEVELS
+    modules: list[np.ndarray], table: BlockTable, grouping, max_candidates, budget, share_levels
 ) -> SearchSpace:
     node_of, names = _node_assignment(table, grouping)
     present = len(set(node_of.tolist()))
@@ -276,7 +276,7 @@ def _build_search_space(
                 # fair share, so the budget spreads over layers instead of piling onto the highest-gradient ones.
                 parts = _truncations(table, np.asarray(option.rows, dtype=np.int64), caps)
                 for rows in parts:
-                    candidate = option if rows is None else _candidate(table, rows, option.module)
+                    candidate = _candidate(table, rows, option.module)
                     if (key := np.asarray(candidate.rows, dtype=np.int64).tobytes()) not in offered:
                         offered.add(key)
                         expanded.append(candidate)

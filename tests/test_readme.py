@@ -71,3 +71,12 @@ def test_python_quickstart_runs(tmp_path, monkeypatch):
 @pytest.mark.parametrize("marker", [START, END])
 def test_markers_present_once(marker):
     assert readme().count(marker) == 1
+
+
+def test_package_map_lists_exactly_the_package_files():
+    text = readme()
+    table = text[text.index("<!-- package-map:start -->"):text.index("<!-- package-map:end -->")]
+    listed = re.findall(r"^\| `(mftc_peft/[^`]+)` \| \S", table, flags=re.MULTILINE)
+    on_disk = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "mftc_peft").rglob("*.py"))
+    assert len(listed) == len(set(listed)), "a file is listed twice"
+    assert sorted(listed) == on_disk

@@ -72,12 +72,20 @@ def test_search_space_by_module_and_layer_groups():
 
 
 def test_search_space_feeds_selection():
+    """The space's sizes and energies line up with its candidates, and `selection` names the chosen candidates'
+    blocks. Candidates: layer 0 [none, rows 1-3 (50 elements, energy 9), row 0 (10, 1)], layer 1 [none, row 4 (10,
+    0.5), row 5 (10, 0.5)], pooler [none, row 8 (5, 9)]."""
     table = _table()
     space = build_search_space([[0, 4], [1, 2, 3], [5], [8]], table)
     gains = [e / 10 for e in space.energies()]
-    result = select_candidates(gains, space.sizes(), budget=30)
-    assert result.total_size <= 30
-    assert sum(len(v) for v in space.selection(result.chosen).values()) >= 1
+    small = select_candidates(gains, space.sizes(), budget=20)  # the pooler and layer 0's small module
+    assert small.chosen == (2, 0, 1) and small.total_size == 15 and small.objective == pytest.approx(1.0)
+    assert space.selection(small.chosen) == {"encoder.layer.0.query": [0], "pooler": [0]}
+    large = select_candidates(gains, space.sizes(), budget=60)  # layer 0's large module fits now
+    assert large.chosen == (1, 0, 1) and large.total_size == 55 and large.objective == pytest.approx(1.8)
+    assert space.selection(large.chosen) == {
+        "encoder.layer.0.query": [1], "encoder.layer.0.dense": [0, 1], "pooler": [0],
+    }
 
 
 def test_block_table_from_grids():
