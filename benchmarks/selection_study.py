@@ -50,10 +50,12 @@ VARIANTS = {
     "adam_gain": ("adam_gain", {}),
     "energy_sampled": ("energy_sampled", {}),
     "sqrt_energy_sampled": ("sqrt_energy_sampled", {}),
+    # Issue 12 mechanisms (off by default in MFTCConfig until this lab shows they win)
+    "energy_steps": ("mftc", {"step_scale": "energy"}),
 }
 # Learning-rate brackets (classification): block selections peaked at 5e-3 in the cpu profile, LoRA at 2e-3 (it
 # diverged at 5e-3). `--lr` replaces them for every variant.
-BRACKETS = {"cls": {"lora": (1e-3, 2e-3, 4e-3)}, "lm": {}}
+BRACKETS = {"cls": {"lora": (1e-3, 2e-3, 4e-3), "energy_steps": (5e-3, 1e-2, 2e-2)}, "lm": {}}
 DEFAULT_BRACKET = {"cls": (2e-3, 5e-3, 1e-2), "lm": (1e-3, 3e-3, 1e-2)}
 REFERENCES = ("random_blocks", "lora")
 METRIC = {"cls": ("val_accuracy", True), "lm": ("val_perplexity", False)}
@@ -66,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     parser.add_argument("--lr", type=float, nargs="+", help="learning rates for every variant (default: BRACKETS)")
     parser.add_argument("--task", choices=("cls", "lm"), default="cls")
+    parser.add_argument("--resume", action="store_true", help="skip runs that already have an 'ok' record")
     parser.add_argument("--table-only", action="store_true", help="only regenerate the tables from the JSON lines")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--profile", default="cpu",
@@ -140,8 +143,14 @@ def main(argv=None) -> None:
               record.get("reason", "")[:300], flush=True)
         return record
 
+    todo = specs(args, budget)
+    if args.resume and path.exists():
+        key = lambda r: (r["variant"], r["seed"], r["lr"], r["profile"], r["task"])  # noqa: E731
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        done = {key(r) for r in lines if r.get("status") == "ok"}
+        todo = [spec for spec in todo if key(spec) not in done]
     with ThreadPoolExecutor(args.workers) as pool:
-        list(pool.map(one, specs(args, budget)))
+        list(pool.map(one, todo))
     print(write_tables(path, args.out))
 
 

@@ -16,6 +16,7 @@ from .registry import mftc_peft_type
 from .search import GROUPINGS
 from .selection import METHODS as SEARCH_METHODS
 from .signatures import KINDS as SIGNATURE_KINDS
+from .step_control import STEP_SCALES
 
 BIAS_OPTIONS = ("none", "all", "mftc_only")  # PEFT's own bias options (BaseTuner marks the biases trainable)
 
@@ -170,6 +171,18 @@ class MFTCConfig(PeftConfig):
     search_method: str = field(
         default="auto", metadata={"help": "'exact' (scipy MILP), 'greedy' (+ swaps), or 'auto' (by problem size)."}
     )
+    # ----- training: step control per block (off by default) -----
+    step_scale: str = field(
+        default="none",
+        metadata={
+            "help": "Per-block step scales set at injection: 'none', or 'energy' (each selected block's delta is "
+            "scaled by min(1, (median / its per-element gradient energy) ** step_scale_power), so the most "
+            "sensitive blocks take smaller steps under any optimiser)."
+        },
+    )
+    step_scale_power: float = field(
+        default=0.5, metadata={"help": "Exponent of the 'energy' step scales (> 0; 0.5 evens out the Fisher cost)."}
+    )
     # ----- training: spectral coordination over the block graph (off by default) -----
     spectral_filter: float = field(
         default=0.0,
@@ -214,6 +227,9 @@ class MFTCConfig(PeftConfig):
                 f"`node_grouping` must be one of {GROUPINGS} or a positive integer, got {self.node_grouping!r}"
             )
         check_range("ema_decay", self.ema_decay, 0.0, 1.0, "in [0, 1)")
+        check_choice("step_scale", self.step_scale, STEP_SCALES)
+        if not (is_real(self.step_scale_power) and self.step_scale_power > 0):
+            raise ValueError(f"`step_scale_power` must be a positive number, got {self.step_scale_power!r}")
         check_range("max_node_share", self.max_node_share, 0.5, float("inf"), "a number >= 0.5")
         check_range("spectral_filter", self.spectral_filter, 0.0, 1.0, "in [0, 1)")
         check_range("spectral_reg", self.spectral_reg, 0.0, float("inf"), "a number >= 0")

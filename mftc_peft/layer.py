@@ -27,12 +27,14 @@ RANDOM_INIT_STD = 0.02
 
 class MFTCLayer(BaseTunerLayer):
     adapter_layer_names = ("mftc_delta",)
-    other_param_names = ("mftc_idx",)
+    other_param_names = ("mftc_idx", "mftc_scale")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
         self.mftc_delta = nn.ParameterDict({})
         self.mftc_idx = BufferDict({}, persistent=True)
+        # Optional per-line step scales (`step_control.py`): the delta applied is mftc_scale[:, None] * mftc_delta.
+        self.mftc_scale = BufferDict({}, persistent=True)
         self.mftc_grid: dict[str, BlockGrid] = {}
         # Weight lines an adapter's merge replaced, so that unmerge restores them bit-exactly (not by subtraction).
         self._mftc_replaced: dict[str, torch.Tensor] = {}
@@ -55,14 +57,17 @@ class MFTCLayer(BaseTunerLayer):
 
     # ----- adapter state -------------------------------------------------------------------------------------------
     def update_layer(
-        self, adapter_name: str, grid: BlockGrid, block_ids: Sequence[int], *, init_weights: bool = True, seed: int = 0
+        self, adapter_name: str, grid: BlockGrid, block_ids: Sequence[int], *, init_weights: bool = True, seed: int = 0,
+        step_scales: Optional[Sequence[float]] = None,
     ) -> None:
-        """Create (or replace) the adapter's delta for exactly `block_ids` of `grid`."""
+        """Create (or replace) the adapter's delta for exactly `block_ids` of `grid`; `step_scales` (one positive
+        number per block, in the order of `block_ids`) scale what each block's delta contributes, and so its step."""
         if (grid.in_features, grid.out_features) != (self.in_features, self.out_features):
             raise ValueError(
                 f"`grid` must describe this layer's weight ({self.out_features} x {self.in_features}), "
                 f"got {grid.out_features} x {grid.in_features}"
             )
+        scale_of = None if step_scales is None else dict(zip(grid.check_ids(block_ids), step_scales))
         ids = sorted(grid.check_ids(block_ids))
         n_lines = sum(grid.widths(ids))
         if init_weights:
@@ -74,6 +79,12 @@ class MFTCLayer(BaseTunerLayer):
         self.mftc_grid[adapter_name] = grid
         self.mftc_delta[adapter_name] = nn.Parameter(delta)
         self.mftc_idx[adapter_name] = torch.tensor(ids, dtype=torch.int32)  # int32: half the bytes on disk
+        if scale_of is None:
+            if adapter_name in self.mftc_scale:
+                del self.mftc_scale[adapter_name]
+        else:
+            per_block = torch.tensor([float(scale_of[b]) for b in ids], dtype=torch.float32)
+            self.mftc_scale[adapter_name] = per_block.repeat_interleave(torch.tensor(grid.widths(ids), dtype=torch.long))
         if n_lines:
             self.frozen_peft_weight_names.pop(adapter_name, None)
         else:
@@ -113,7 +124,7 @@ class MFTCLayer(BaseTunerLayer):
         for adapter_name in self.active_adapters:
             if adapter_name not in self.mftc_delta or self.mftc_delta[adapter_name].shape[0] == 0:
                 continue
-            delta = self.mftc_delta[adapter_name]
+            delta = self._delta(adapter_name)
             positions = self._positions(adapter_name)
             x_delta = self._cast_input_dtype(x, delta.dtype)
             if self.mftc_grid[adapter_name].axis == "out":
@@ -123,6 +134,13 @@ class MFTCLayer(BaseTunerLayer):
                 update = x_delta.index_select(-1, positions) @ delta  # (..., out_features)
                 result = result + update.to(result.dtype)
         return result
+
+    def _delta(self, adapter_name: str) -> torch.Tensor:
+        """The lines the adapter adds to the weight: the trained delta, times its step scales if it has them."""
+        delta = self.mftc_delta[adapter_name]
+        if adapter_name not in self.mftc_scale:
+            return delta
+        return delta * self.mftc_scale[adapter_name].to(delta.dtype)[:, None]
 
     # ----- merge ---------------------------------------------------------------------------------------------------
     def _lines(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
@@ -143,7 +161,7 @@ class MFTCLayer(BaseTunerLayer):
                 continue
             positions = self._positions(adapter_name).to(weight.device)
             old_lines = self._read_lines(weight, adapter_name, positions)
-            delta = self.mftc_delta[adapter_name].detach()
+            delta = self._delta(adapter_name).detach()
             new_lines = old_lines.to(delta.dtype) + delta
             if safe_merge and not torch.isfinite(new_lines).all():
                 raise ValueError(
@@ -169,7 +187,7 @@ class MFTCLayer(BaseTunerLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter's update as a dense tensor in the base weight's layout. For tests and diagnostics only."""
         weight = self.get_base_layer().weight
-        delta = self.mftc_delta[adapter_name]
+        delta = self._delta(adapter_name)
         dense = torch.zeros(weight.shape, dtype=delta.dtype, device=delta.device)
         self._write_lines(dense, adapter_name, self._positions(adapter_name).to(delta.device), delta)
         return dense
@@ -196,12 +214,13 @@ class Linear(nn.Module, MFTCLayer):
         *,
         init_weights: bool = True,
         seed: int = 0,
+        step_scales: Optional[Sequence[float]] = None,
         **kwargs,
     ) -> None:
         super().__init__()
         MFTCLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, grid, block_ids, init_weights=init_weights, seed=seed)
+        self.update_layer(adapter_name, grid, block_ids, init_weights=init_weights, seed=seed, step_scales=step_scales)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:
@@ -220,6 +239,10 @@ class Linear(nn.Module, MFTCLayer):
             ids = state_dict.get(f"{prefix}mftc_idx.{adapter_name}")
             if ids is not None and ids.tolist() != self.block_ids(adapter_name):
                 self._resize_to_checkpoint(adapter_name, ids.tolist(), f"checkpoint {prefix}mftc_idx.{adapter_name}")
+            scale = state_dict.get(f"{prefix}mftc_scale.{adapter_name}")
+            if scale is not None and (adapter_name not in self.mftc_scale or
+                                      self.mftc_scale[adapter_name].shape != scale.shape):
+                self.mftc_scale[adapter_name] = torch.ones(scale.shape, device=self.mftc_idx[adapter_name].device)
             delta = state_dict.get(f"{prefix}mftc_delta.{adapter_name}")
             if delta is not None and delta.shape[1:] != self.mftc_delta[adapter_name].shape[1:]:
                 grid = self.mftc_grid[adapter_name]

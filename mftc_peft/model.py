@@ -14,6 +14,7 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 
 from .blocks import BlockGrid, make_grid
+from .checks import is_real
 from .config import MFTCConfig
 from .layer import SUPPORTED_LAYER_TYPES, Linear, MFTCLayer
 
@@ -90,6 +91,9 @@ class MFTCModel(BaseTuner):
         key = selection_key(config, current_key)
         block_ids = config.block_selection[key] if key is not None else []
         options = {"init_weights": config.init_weights, "seed": config.seed}
+        if config.step_scale != "none":
+            # Placeholders, so that a saved adapter's scales have a buffer to load into (the warm-up sets real ones).
+            options["step_scales"] = [1.0] * len(block_ids)
         if isinstance(target, MFTCLayer):
             target.update_layer(adapter_name, grid, block_ids, **options)
             return
@@ -150,12 +154,15 @@ class MFTCModel(BaseTuner):
         return {name: ids for name, ids in selection.items() if ids}
 
     def set_block_selection(
-        self, selection: Mapping[str, Sequence[int]], adapter_name: str | None = None, *, init_weights: bool = True
+        self, selection: Mapping[str, Sequence[int]], adapter_name: str | None = None, *, init_weights: bool = True,
+        step_scales: Mapping[str, Sequence[float]] | None = None,
     ) -> None:
         """Replace the adapter's selection with `selection` (full module names); unlisted layers train nothing.
 
-        Validates everything before it changes anything, and records the selection in the adapter's config so that a
-        saved adapter reloads without a warm-up.
+        `step_scales` (optional, `step_control.py`): per module, one positive scale per block in the order of
+        `selection[name]`; the layer applies scale * delta, so each block's step is scaled. Validates everything
+        before it changes anything, and records the selection in the adapter's config so that a saved adapter reloads
+        without a warm-up (the scales are in the saved tensors).
         """
         adapter_name = adapter_name or self.active_adapters[0]
         layers = dict(self.mftc_layers(adapter_name))
@@ -163,10 +170,16 @@ class MFTCModel(BaseTuner):
         if unknown:
             raise ValueError(f"`selection` names modules without an MFTC layer: {unknown!r}")
         checked = {
-            name: sorted(layers[name].mftc_grid[adapter_name].check_ids(ids, name=f"selection[{name!r}]"))
+            name: layers[name].mftc_grid[adapter_name].check_ids(ids, name=f"selection[{name!r}]")
             for name, ids in selection.items()
         }
         config = self.peft_config[adapter_name]
+        if step_scales is not None and config.step_scale == "none":
+            raise ValueError(
+                "`step_scales` need an adapter whose config has `step_scale` set (e.g. 'energy'), so that a saved "
+                f"adapter reloads with its scales; adapter {adapter_name!r} has step_scale='none'"
+            )
+        scales = _check_step_scales(step_scales, checked)
         for name, layer in layers.items():
             layer.update_layer(
                 adapter_name,
@@ -174,8 +187,9 @@ class MFTCModel(BaseTuner):
                 checked.get(name, []),
                 init_weights=init_weights,
                 seed=config.seed,
+                step_scales=_scales_for(config, scales, name, checked.get(name, [])),
             )
-        config.block_selection = {name: ids for name, ids in checked.items() if ids}
+        config.block_selection = {name: sorted(ids) for name, ids in checked.items() if ids}
 
     def selected_numel(self, adapter_name: str | None = None) -> int:
         adapter_name = adapter_name or self.active_adapters[0]
@@ -191,6 +205,31 @@ def mftc_tuner(peft_model) -> MFTCModel:
             f"got {type(peft_model).__name__}"
         )
     return tuner
+
+
+def _scales_for(config, scales, name: str, ids: list[int]) -> list[float] | None:
+    """A layer's step scales: the given ones, ones when the config asks for scales but none were given, else None."""
+    if scales is not None:
+        return scales.get(name, [])
+    return [1.0] * len(ids) if config.step_scale != "none" else None
+
+
+def _check_step_scales(step_scales, selection: dict[str, list[int]]) -> dict[str, list[float]] | None:
+    if step_scales is None:
+        return None
+    scales = {name: list(values) for name, values in step_scales.items()}
+    for name, ids in selection.items():
+        values = scales.get(name, [] if not ids else None)
+        if values is None or len(values) != len(ids):
+            raise ValueError(
+                f"`step_scales[{name!r}]` must hold one scale per selected block ({len(ids)}), got {values!r}"
+            )
+        if not all(is_real(v) and v > 0 for v in values):
+            raise ValueError(f"`step_scales[{name!r}]` must be positive finite numbers, got {values!r}")
+    extra = sorted(set(scales) - set(selection))
+    if extra:
+        raise ValueError(f"`step_scales` names modules that `selection` does not: {extra!r}")
+    return scales
 
 
 def _name_matches(module_name: str, target: str) -> bool:

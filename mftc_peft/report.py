@@ -39,6 +39,8 @@ class WarmupReport:
     timings : seconds per stage ('signatures', 'dsca', 'probe', 'search', 'inject', 'total').
     selected_blocks : one record per selected block: module, block, layer (-1 if unknown), size, DSCA label.
     config : the MFTC config fields the warm-up ran with.
+    step_scales : per selected module, the step scale of each block (in `selection` order); None without
+        `step_scale` (`step_control.py`).
     """
 
     selection: dict[str, list[int]]
@@ -54,6 +56,7 @@ class WarmupReport:
     timings: dict = field(default_factory=dict)
     selected_blocks: list[dict] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    step_scales: dict | None = None
 
     def attach_graph(self, affinity) -> None:
         """Keep the block graph (scipy sparse, rows = `nodes`) for spectral coordination; it is not written to JSON."""

@@ -65,6 +65,7 @@ def preserved_state(peft_model: nn.Module, *, adapter_name: str | None = None, i
             layer.mftc_grid[adapter],
             layer.mftc_delta[adapter],
             layer.mftc_idx[adapter],
+            layer.mftc_scale[adapter] if adapter in layer.mftc_scale else None,
             layer.frozen_peft_weight_names.get(adapter, _MISSING),
         )
         for _, layer in layers
@@ -80,10 +81,15 @@ def preserved_state(peft_model: nn.Module, *, adapter_name: str | None = None, i
     try:
         yield peft_model
     finally:
-        for layer, grid, delta, idx, frozen in structure:
+        for layer, grid, delta, idx, scale, frozen in structure:
             layer.mftc_grid[adapter] = grid
             layer.mftc_delta[adapter] = delta
             layer.mftc_idx[adapter] = idx
+            if scale is None:
+                if adapter in layer.mftc_scale:
+                    del layer.mftc_scale[adapter]
+            else:
+                layer.mftc_scale[adapter] = scale
             if frozen is _MISSING:
                 layer.frozen_peft_weight_names.pop(adapter, None)
             else:

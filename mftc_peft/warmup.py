@@ -25,6 +25,7 @@ from .report import WarmupReport, build_report
 from .search import SearchSpace, build_search_space, share_levels_up_to
 from .selection import select_candidates
 from .state import adapter_name_of, preserved_state
+from .step_control import energy_step_scales
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def warmup(
             adapter_name=adapter_name, progress=progress, timings=timings,
         )
     inject_start = time.perf_counter()
-    tuner.set_block_selection(selection, adapter_name)
+    tuner.set_block_selection(selection, adapter_name, step_scales=report.step_scales)
     timings["inject"] = time.perf_counter() - inject_start
     timings["total"] = time.perf_counter() - start
     report.timings = timings
@@ -112,6 +113,8 @@ def compute_selection(
         selection=selection, measurement=measurement, space=space, result=result, gain_model=gain_model,
         loss_model=loss_model, grids=grids, budget=budget, target_elements=target_elements, config=run.config,
     )
+    if run.config.step_scale == "energy":
+        report.step_scales = energy_step_scales(measurement.table, selection, power=run.config.step_scale_power)
     return selection, report
 
 

@@ -1,0 +1,125 @@
+"""Step control per block (`MFTCConfig.step_scale`): the scales, the layer that applies them, the warm-up that sets
+them, and save / load / merge with them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from tiny_models import CASES_BY_NAME, outputs
+from test_warmup import token_batches, warm_model
+
+import mftc_peft
+from mftc_peft import MFTCConfig
+from mftc_peft.search import BlockTable
+from mftc_peft.step_control import energy_step_scales
+
+QUERY = "bert.encoder.layer.0.attention.self.query"
+VALUE = "bert.encoder.layer.1.attention.self.value"
+
+
+def test_energy_scales_shrink_the_blocks_above_the_median_per_element_energy():
+    table = BlockTable(("a", "a", "a", "b"), np.array([0, 1, 2, 0]), np.array([10, 10, 10, 40]),
+                       np.array([10.0, 40.0, 0.0, 160.0]))  # per element: 1, 4, 0, 4
+    scales = energy_step_scales(table, {"a": [1, 0], "b": [0]}, power=0.5)
+    # median per-element energy of the selected blocks (4, 1, 4) is 4: the two at 4 keep 1, the one at 1 keeps 1
+    assert scales == {"a": [1.0, 1.0], "b": [1.0]}
+    scales = energy_step_scales(table, {"a": [0, 2, 1]}, power=0.5)  # median of (1, 0, 4) is 1
+    assert scales["a"] == [1.0, 1.0, pytest.approx(0.5)]  # 4x the energy: half the step; no gradient: full step
+    assert energy_step_scales(table, {"a": [0, 1]}, power=1.0)["a"] == [1.0, pytest.approx(2.5 / 4)]
+
+
+def _scaled_model(scale: float, *, init_weights=False):
+    case = CASES_BY_NAME["bert"]
+    config = MFTCConfig(**case.config_kwargs, init_weights=init_weights, step_scale="energy")
+    model = get_peft_model(case.model(), config)
+    model.base_model.set_block_selection({QUERY: [1, 0], VALUE: [2]}, init_weights=init_weights,
+                                         step_scales={QUERY: [scale, 1.0], VALUE: [scale]})
+    return case, model
+
+
+def test_a_scaled_block_contributes_scale_times_its_delta_and_takes_a_scaled_adam_step():
+    case, half = _scaled_model(0.5)
+    _, full = _scaled_model(1.0)
+    layer = dict(half.base_model.mftc_layers())[QUERY]
+    grid = layer.mftc_grid["default"]
+    expected = torch.cat([torch.full((grid.width,), 1.0), torch.full((grid.width,), 0.5)])  # ids sorted: 0, then 1
+    assert torch.equal(layer.mftc_scale["default"], expected)
+    dense_half = layer.get_delta_weight("default")
+    dense_full = dict(full.base_model.mftc_layers())[QUERY].get_delta_weight("default")  # same random theta
+    rows = grid.feature_index([1])
+    assert torch.allclose(dense_half[rows], 0.5 * dense_full[rows]) and dense_half[rows].abs().sum() > 0
+    assert torch.equal(dense_half[grid.feature_index([0])], dense_full[grid.feature_index([0])])
+    # One Adam step from zero deltas moves theta by about lr per element whatever its gradient's size, so the applied
+    # delta of a block with scale 0.5 moves half as far as without scales; the unscaled block moves the same.
+    moved = {}
+    for scale in (0.5, 1.0):
+        _, model = _scaled_model(scale, init_weights=True)
+        # eps far below the tiny model's gradients: the first Adam step is exactly lr * sign(gradient)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, eps=1e-30)
+        outputs(model, case.inputs()).pow(2).mean().backward()
+        optimizer.step()
+        moved[scale] = dict(model.base_model.mftc_layers())[QUERY].get_delta_weight("default").detach()
+    assert moved[1.0][rows].abs().max() > 5e-4
+    assert torch.allclose(moved[0.5][rows], 0.5 * moved[1.0][rows], atol=1e-7)
+    assert torch.allclose(moved[0.5][grid.feature_index([0])], moved[1.0][grid.feature_index([0])], atol=1e-7)
+
+
+def test_scales_survive_save_load_and_merge_is_exact(tmp_path):
+    case, model = _scaled_model(0.25)
+    model.eval()
+    inputs = case.inputs()
+    expected = outputs(model, inputs)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(case.model(), tmp_path).eval()
+    assert torch.allclose(outputs(reloaded, inputs), expected, atol=1e-6)
+    layer = dict(reloaded.base_model.mftc_layers())[QUERY]
+    assert layer.mftc_scale["default"].min().item() == 0.25
+    base_weight = layer.get_base_layer().weight.detach().clone()
+    reloaded.base_model.merge_adapter()
+    assert torch.allclose(outputs(reloaded, inputs), expected, atol=1e-5)
+    reloaded.base_model.unmerge_adapter()
+    assert torch.equal(layer.get_base_layer().weight, base_weight)
+
+
+def test_the_warmup_sets_energy_scales_only_when_asked():
+    _, plain = warm_model()
+    report = mftc_peft.warmup(plain, token_batches(6), progress=False)
+    assert report.step_scales is None
+    assert all(len(layer.mftc_scale) == 0 for _, layer in plain.base_model.mftc_layers())
+    _, scaled = warm_model(step_scale="energy")
+    report = mftc_peft.warmup(scaled, token_batches(6), progress=False)
+    assert report.selection and set(report.step_scales) == set(report.selection)
+    values = [s for scales in report.step_scales.values() for s in scales]
+    assert all(0 < s <= 1 for s in values) and min(values) < 1.0 and values.count(1.0) >= len(values) // 2
+    for name, layer in scaled.base_model.mftc_layers():
+        if name in report.selection:
+            grid = layer.mftc_grid["default"]
+            by_id = dict(zip(report.selection[name], report.step_scales[name]))
+            ids = layer.block_ids("default")
+            expected = torch.tensor([by_id[b] for b in ids]).repeat_interleave(torch.tensor(grid.widths(ids)))
+            assert torch.allclose(layer.mftc_scale["default"], expected)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"step_scale": "fisher"}, r"`step_scale` must be one of \('none', 'energy'\), got 'fisher'"),
+    ({"step_scale_power": 0}, r"`step_scale_power` must be a positive number, got 0"),
+])
+def test_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MFTCConfig(**kwargs)
+
+
+def test_set_block_selection_checks_the_scales_before_changing_anything():
+    _, model = _scaled_model(0.5)
+    before = model.base_model.block_selection()
+    with pytest.raises(ValueError, match=r"`step_scales\['.*query'\]` must hold one scale per selected block \(2\)"):
+        model.base_model.set_block_selection({QUERY: [0, 1]}, step_scales={QUERY: [1.0]})
+    with pytest.raises(ValueError, match=r"must be positive finite numbers, got \[1.0, -1.0\]"):
+        model.base_model.set_block_selection({QUERY: [0, 1]}, step_scales={QUERY: [1.0, -1.0]})
+    assert model.base_model.block_selection() == before
+    case = CASES_BY_NAME["bert"]
+    plain = get_peft_model(case.model(), MFTCConfig(**case.config_kwargs))
+    with pytest.raises(ValueError, match=r"`step_scales` need an adapter whose config has `step_scale` set"):
+        plain.base_model.set_block_selection({QUERY: [0]}, step_scales={QUERY: [0.5]})
