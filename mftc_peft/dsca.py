@@ -23,8 +23,8 @@ from sklearn.utils import check_random_state
 
 from . import graph
 from .checks import is_int
-from .eigensolver import _laplacian_eigenvectors
-from .module_library import _cluster_embedding, build_library
+from .eigensolver import laplacian_eigenvectors
+from .module_library import build_library, cluster_embedding
 from .spectral_diagnostics import eigengap, energy_concentration, label_agreement, subspace_drift
 
 logger = logging.getLogger(__name__)
@@ -213,15 +213,15 @@ class DynamicSpectralClustering(BaseEstimator):
         affinity = self._graph_step(X, reset)
         adjacency, _ = graph._normalized_adjacency(affinity)
         tol = _AUTO_TOL if self.eigen_tol == "auto" else float(self.eigen_tol)
-        values, vectors, info = _laplacian_eigenvectors(
-            adjacency, self.embed_dim, None if reset else self.embedding_, tol, self.max_iter,
-            min(self.n_clusters, self.embed_dim), self._random,
+        values, vectors, info = laplacian_eigenvectors(
+            adjacency, self.embed_dim, init=None if reset else self.embedding_, tol=tol, max_iter=self.max_iter,
+            n_check=min(self.n_clusters, self.embed_dim), random_state=self._random,
         )
         previous_labels, previous_vectors = self.labels_, self.embedding_
         fresh = reset or not info.warm_start
-        labels = _cluster_embedding(
-            vectors, self.n_clusters, previous_labels, fresh, self.min_module_size, self.max_module_size,
-            self._random.randint(np.iinfo(np.int32).max),
+        labels = cluster_embedding(
+            vectors, self.n_clusters, previous_labels=previous_labels, fresh=fresh, min_size=self.min_module_size,
+            max_size=self.max_module_size, random_state=self._random.randint(np.iinfo(np.int32).max),
         )
         self._since_reset_ = 1 if fresh else self._since_reset_ + 1
         # A stale warm start means the structure moved: rebuild the neighbour graph at the next update too.

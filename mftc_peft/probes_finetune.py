@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .model import mftc_tuner
 from .checks import check_int, check_positive_number, check_rng
-from .predictor import AdditiveModel, ProbeResult, _fit_additive_model, _sample_architectures
+from .predictor import AdditiveModel, ProbeResult, fit_additive_model, sample_architectures
 from .predictor import models_from_probes
 from .search import SearchSpace
 from .state import adapter_name_of, head_parameters, preserved_state
@@ -317,7 +317,7 @@ def regression_probe(
     rng = check_rng("seed", seed)
     s = _Settings(int(probe_steps), float(lr), float(head_lr or lr), optimizer, weight_decay, bool(dropout),
                   compute_loss)
-    arch = _sample_architectures(counts, int(n_architectures), rng)
+    arch = sample_architectures(counts, int(n_architectures), rng)
     order = _batch_order(rng, len(train_batches), s.steps)
     counter, start = {"probes": 0, "forward": 0, "backward": 0}, time.perf_counter()
     measured = np.zeros((len(arch), 2))
@@ -325,8 +325,8 @@ def regression_probe(
         for a, row in enumerate(tqdm(arch, desc="regression probe", disable=not progress)):
             measured[a] = _probe_once(peft_model, mftc, adapter, space.selection(row), order, train_batches,
                                       eval_batches, s, counter)
-    accuracy = _fit_additive_model(arch, measured[:, 1], counts, float(alpha))
-    loss = _fit_additive_model(arch, measured[:, 0], counts, float(alpha))
+    accuracy = fit_additive_model(arch, measured[:, 1], n_candidates_per_node=counts, alpha=float(alpha))
+    loss = fit_additive_model(arch, measured[:, 0], n_candidates_per_node=counts, alpha=float(alpha))
     results = []
     for i, count in enumerate(counts):
         for c in range(count):
