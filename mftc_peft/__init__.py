@@ -13,6 +13,7 @@ from . import assets  # noqa: E402, F401  (mftc_peft.assets.minilm_dir() etc.)
 from .blocks import BlockGrid, make_grid  # noqa: E402
 from .config import MFTCConfig  # noqa: E402
 from .dsca import DynamicSpectralClustering  # noqa: E402
+from .dynamic import ReselectReport, reselect_blocks  # noqa: E402
 from .layer import MFTCLayer  # noqa: E402
 from .measure import BlockMeasurement, measure_blocks  # noqa: E402
 from .model import MFTCModel  # noqa: E402
@@ -32,8 +33,8 @@ register()
 __version__ = "0.1.0"
 __all__ = [
     "BlockGrid", "BlockMeasurement", "DynamicSpectralClustering", "MFTCConfig", "MFTCLayer", "MFTCModel",
-    "MFTCTrainer", "SpectralCoordinator", "WarmupReport", "compute_selection", "make_grid", "measure_blocks",
-    "register", "warmup",
+    "MFTCTrainer", "ReselectReport", "SpectralCoordinator", "WarmupReport", "compute_selection", "make_grid", "measure_blocks",
+    "register", "reselect_blocks", "warmup",
 ]
 
 

@@ -183,6 +183,21 @@ class MFTCConfig(PeftConfig):
     step_scale_power: float = field(
         default=0.5, metadata={"help": "Exponent of the 'energy' step scales (> 0; 0.5 evens out the Fisher cost)."}
     )
+    # ----- training: dynamic selection (off by default) -----
+    reselect_every: int = field(
+        default=0,
+        metadata={
+            "help": "Every this many training steps, swap the weakest selected blocks (smallest delta) for unselected "
+            "ones with larger current gradient energy, inside each weight (`dynamic.py`); 0: off. `MFTCTrainer` "
+            "does it through a callback; a custom loop calls `mftc_peft.reselect_blocks`."
+        },
+    )
+    reselect_fraction: float = field(
+        default=0.25, metadata={"help": "Most of each weight's selected blocks one reselection may swap, in (0, 1]."}
+    )
+    reselect_batches: int = field(
+        default=2, metadata={"help": "Batches a reselection measures gradient energies on (extra backward passes)."}
+    )
     # ----- training: spectral coordination over the block graph (off by default) -----
     spectral_filter: float = field(
         default=0.0,
@@ -227,6 +242,10 @@ class MFTCConfig(PeftConfig):
                 f"`node_grouping` must be one of {GROUPINGS} or a positive integer, got {self.node_grouping!r}"
             )
         check_range("ema_decay", self.ema_decay, 0.0, 1.0, "in [0, 1)")
+        check_int("reselect_every", self.reselect_every, minimum=0)
+        check_int("reselect_batches", self.reselect_batches)
+        if not (is_real(self.reselect_fraction) and 0 < self.reselect_fraction <= 1):
+            raise ValueError(f"`reselect_fraction` must be a number in (0, 1], got {self.reselect_fraction!r}")
         check_choice("step_scale", self.step_scale, STEP_SCALES)
         if not (is_real(self.step_scale_power) and self.step_scale_power > 0):
             raise ValueError(f"`step_scale_power` must be a positive number, got {self.step_scale_power!r}")

@@ -8,6 +8,7 @@ The forward adds `x @ delta.T` into the selected output features ("out" blocks) 
 
 from __future__ import annotations
 
+import itertools
 import warnings
 import zlib
 from typing import Optional, Sequence
@@ -92,6 +93,41 @@ class MFTCLayer(BaseTunerLayer):
             self.frozen_peft_weight_names[adapter_name] = ("mftc_delta",)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
+
+    def swap_blocks(self, adapter_name: str, drop: Sequence[int], grow: Sequence[int]) -> torch.Tensor:
+        """Replace selected blocks `drop` by unselected blocks `grow` of the same width, in place: the delta keeps its
+        Parameter object and shape (optimisers stay valid), kept blocks keep their values, grown blocks start at 0
+        (and step scale 1). Returns, per line of the new delta, the line of the old delta it came from (-1: new), so
+        that the caller can move the optimiser state along (`dynamic.py`)."""
+        grid, ids = self.mftc_grid[adapter_name], self.block_ids(adapter_name)
+        drop, grow = [int(b) for b in drop], grid.check_ids(grow, name="grow")
+        if len(drop) != len(grow) or not set(drop) <= set(ids) or set(grow) & set(ids):
+            raise ValueError(
+                f"`drop` must be selected blocks and `grow` as many unselected ones, got drop={drop!r}, grow={grow!r} "
+                f"for selected {ids!r}"
+            )
+        if any(w != grid.width for w in grid.widths(drop + grow)):
+            raise ValueError(f"only full-width blocks ({grid.width} lines) can be swapped, got {drop + grow!r}")
+        starts = [0, *itertools.accumulate(grid.widths(ids))][:-1]
+        line_of = dict(zip(ids, starts))  # old block id -> its first line in the old delta
+        new_ids = sorted((set(ids) - set(drop)) | set(grow))
+        source = torch.cat([
+            torch.arange(line_of[b], line_of[b] + w) if b in line_of else torch.full((w,), -1)
+            for b, w in zip(new_ids, grid.widths(new_ids))
+        ]).to(torch.long)
+        kept = source >= 0
+        delta = self.mftc_delta[adapter_name]
+        with torch.no_grad():
+            moved = torch.zeros_like(delta)
+            moved[kept.to(delta.device)] = delta[source[kept].to(delta.device)]
+            delta.copy_(moved)
+            if adapter_name in self.mftc_scale:
+                scale = self.mftc_scale[adapter_name]
+                new_scale = torch.ones_like(scale)
+                new_scale[kept.to(scale.device)] = scale[source[kept].to(scale.device)]
+                scale.copy_(new_scale)
+            self.mftc_idx[adapter_name].copy_(torch.tensor(new_ids, dtype=torch.int32))
+        return source
 
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)

@@ -2,17 +2,20 @@
 
 The optimiser therefore holds exactly the selected deltas. The selection is part of the adapter config, so every
 checkpoint carries it; resuming loads it from the checkpoint and does not warm up again. Spectral coordination
-(`spectral_filter`, `spectral_reg` in the config) is applied on every step when set.
+(`spectral_filter`, `spectral_reg` in the config) is applied on every step when set, dynamic selection
+(`reselect_every`) every K steps.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 from transformers import Trainer, TrainerCallback
 
-from .spectral import SpectralCoordinator
+from .dynamic import reselect_blocks
 from .model import mftc_tuner
+from .spectral import SpectralCoordinator
 from .warmup import warmup
 
 logger = logging.getLogger(__name__)
@@ -27,6 +30,23 @@ class _FilterGradients(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.trainer.spectral is not None:
             self.trainer.spectral.filter_gradients()
+
+
+class _Reselect(TrainerCallback):
+    """Dynamic selection (`reselect_every` in the config): every K optimiser steps, swap blocks (`dynamic.py`)."""
+
+    def __init__(self, trainer: "MFTCTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        tuner = mftc_tuner(self.trainer.model)
+        config = tuner.peft_config[tuner.active_adapters[0]]
+        if config.reselect_every and state.global_step % config.reselect_every == 0:
+            batches = [self.trainer._prepare_inputs(batch)
+                       for batch in itertools.islice(self.trainer.get_train_dataloader(), config.reselect_batches)]
+            reselect_blocks(self.trainer.model, batches, fraction=config.reselect_fraction,
+                            optimizer=self.trainer.optimizer,
+                            compute_loss=self.trainer.warmup_kwargs.get("compute_loss"))
 
 
 class MFTCTrainer(Trainer):
@@ -44,6 +64,7 @@ class MFTCTrainer(Trainer):
         self.warmup_report = None
         self.spectral = None
         self.add_callback(_FilterGradients(self))
+        self.add_callback(_Reselect(self))
 
     def _needs_warmup(self) -> bool:
         tuner = mftc_tuner(self.model)

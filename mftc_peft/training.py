@@ -188,12 +188,14 @@ class TrainHooks:
     `extra_loss()` returns a term added to the loss before backward (MFTC's spectral regulariser);
     `after_backward()` runs between backward and the optimiser step (spectral gradient filtering);
     `after_step(step)` runs after the optimiser step and before `zero_grad`, while the gradients are still there
-    (AdaLoRA's `update_and_allocate`), with the 0-based index of the step.
+    (AdaLoRA's `update_and_allocate`), with the 0-based index of the step; `optimizer_ready(optimizer)` once, when
+    the loop has built its optimiser (MFTC's dynamic selection moves the optimiser state of swapped blocks).
     """
 
     extra_loss: Callable[[], torch.Tensor] | None = None
     after_backward: Callable[[], None] | None = None
     after_step: Callable[[int], None] | None = None
+    optimizer_ready: Callable[[torch.optim.Optimizer], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -261,6 +263,8 @@ def train_steps(
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, lr=lr, optimizer=optimizer, weight_decay=weight_decay)
+    if hooks.optimizer_ready is not None:
+        hooks.optimizer_ready(opt)
     scheduler = None
     if schedule == "linear":
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: max(0.0, 1.0 - k / steps))

@@ -179,9 +179,30 @@ def _warmup(peft_model, ctx) -> tuple[object, float]:
 def build_mftc(model, ctx):
     peft_model, seconds = _mftc_model(model, ctx, budget=ctx.lora_budget)
     report, warm = _warmup(peft_model, ctx)
-    return Built(peft_model, setup_seconds=seconds, warmup_seconds=warm,
+    hooks, info = _reselection(peft_model, ctx)
+    return Built(peft_model, setup_seconds=seconds, warmup_seconds=warm, hooks=hooks,
                  info={"budget": ctx.lora_budget, "warmup_timings": report.timings,
-                       "selected_blocks": sum(map(len, report.selection.values()))})
+                       "selected_blocks": sum(map(len, report.selection.values()))} | info)
+
+
+def _reselection(peft_model, ctx) -> tuple[TrainHooks, dict]:
+    """MFTC's dynamic selection (`reselect_every` in the config) inside the benchmark's loop, on batches of the
+    warm-up's own stream; the record gets the number of swapped blocks and the seconds spent."""
+    config = peft_model.peft_config["default"]
+    if not config.reselect_every:
+        return TrainHooks(), {}
+    holder, totals, stream = {}, {"reselect_swaps": 0, "reselect_seconds": 0.0}, ctx.warmup_batches()
+
+    def after_step(step: int) -> None:
+        if (step + 1) % config.reselect_every == 0:
+            batches = [next(stream) for _ in range(config.reselect_batches)]
+            done = mftc_peft.reselect_blocks(peft_model, [{k: v.to(ctx.device) for k, v in b.items()} for b in batches],
+                                             fraction=config.reselect_fraction, optimizer=holder["optimizer"])
+            totals["reselect_swaps"] += done.n_swapped
+            totals["reselect_seconds"] += done.seconds
+
+    hooks = TrainHooks(after_step=after_step, optimizer_ready=lambda opt: holder.update(optimizer=opt))
+    return hooks, {"finalize": lambda: dict(totals)}
 
 
 def build_mftc_spectral(model, ctx):

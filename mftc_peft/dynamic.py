@@ -1,0 +1,130 @@
+"""Dynamic selection during training: every K steps, swap the weakest selected blocks for better unselected ones.
+
+The warm-up's selection is a guess from a few batches at the start; what the task needs moves as training goes (the
+paper's time-varying module library B(t); SpIEL drops small updates and regrows by gradient, LISA re-samples
+layers). `reselect_blocks` measures the current per-block gradient energy of every block of the adapted weights on a
+few batches (the warm-up's own hooks), then per weight swaps up to `fraction` of its full-width selected blocks: the
+ones whose delta moved least (mean squared delta per element) out, the unselected ones with the largest gradient
+energy per element in, only where the newcomer's energy beats the dropped block's. Swaps stay inside a weight and
+between blocks of the same width, so the delta keeps its shape and Parameter object: the trainable count never
+changes, every optimiser stays valid, and the adapter can be saved, loaded or merged at any step. The optimiser
+state of the swapped-in lines starts fresh (zero), the kept lines' state moves with them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import torch
+
+from .checks import is_real
+from .model import mftc_tuner
+from .signatures import SignatureCollector
+from .state import adapter_name_of, preserved_state
+from .training import loss_and_outputs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ReselectReport:
+    """What one reselection did: per module, the (dropped, grown) block pairs; seconds spent."""
+
+    swaps: dict[str, list[tuple[int, int]]]
+    seconds: float
+
+    @property
+    def n_swapped(self) -> int:
+        return sum(map(len, self.swaps.values()))
+
+
+def reselect_blocks(
+    peft_model, batches: Iterable[dict], *, fraction: float, optimizer: Optional[torch.optim.Optimizer] = None,
+    compute_loss: Optional[Callable] = None, adapter_name: Optional[str] = None,
+) -> ReselectReport:
+    """Swap up to `fraction` of each weight's selected blocks (see the module docstring); with `optimizer`, its
+    per-element state (Adam's moments) follows the kept lines and is zero for the new ones. Returns what changed."""
+    if not (is_real(fraction) and 0.0 <= fraction <= 1.0):
+        raise ValueError(f"`fraction` must be a number in [0, 1], got {fraction!r}")
+    tuner = mftc_tuner(peft_model)
+    adapter_name = adapter_name_of(tuner, adapter_name)
+    layers = dict(tuner.mftc_layers(adapter_name))
+    batches = list(batches)
+    if not batches:
+        raise ValueError("`batches` must hold at least one batch to measure block gradients on")
+    start = time.perf_counter()
+    energy = _energy_per_element(peft_model, layers, adapter_name, batches, compute_loss)
+    swaps = {}
+    for name, layer in layers.items():
+        pairs = _pairs(layer, adapter_name, energy[name], fraction)
+        if not pairs:
+            continue
+        delta = layer.mftc_delta[adapter_name]
+        source = layer.swap_blocks(adapter_name, [d for d, _ in pairs], [g for _, g in pairs])
+        if optimizer is not None:
+            _move_optimizer_state(optimizer, delta, source)
+        swaps[name] = pairs
+    tuner.peft_config[adapter_name].block_selection = tuner.block_selection(adapter_name)
+    report = ReselectReport(swaps, time.perf_counter() - start)
+    logger.info("MFTC reselection: %d blocks swapped in %.2f s", report.n_swapped, report.seconds)
+    return report
+
+
+def _energy_per_element(peft_model, layers, adapter_name, batches, compute_loss) -> dict[str, np.ndarray]:
+    """Mean squared gradient per element of every block of every adapted weight, at the current adapter."""
+    grids = {name: layer.mftc_grid[adapter_name] for name, layer in layers.items()}
+    with preserved_state(peft_model, adapter_name=adapter_name):
+        for param in peft_model.parameters():
+            param.requires_grad_(False)
+        targets = {name: (layer.get_base_layer().weight, grids[name], layer.fan_in_fan_out)
+                   for name, layer in layers.items()}
+        for weight, _, _ in targets.values():
+            weight.requires_grad_(True)
+        peft_model.eval()
+        collector = SignatureCollector(targets, kind="energy", window=max(2, len(batches)))
+        with collector:
+            for batch in batches:
+                loss, _ = loss_and_outputs(peft_model, batch, compute_loss)
+                if torch.isfinite(loss):
+                    loss.backward()
+                    collector.end_micro_batch()
+        energy = collector.block_energy() / np.maximum(collector.node_sizes(), 1)
+    bounds = np.cumsum([0] + [grid.n_blocks for grid in grids.values()])
+    return {name: energy[a:b] for name, a, b in zip(grids, bounds[:-1], bounds[1:])}
+
+
+def _pairs(layer, adapter_name: str, energy: np.ndarray, fraction: float) -> list[tuple[int, int]]:
+    """(dropped, grown) pairs for one weight: weakest deltas out, strongest gradients in, newcomer must beat."""
+    grid = layer.mftc_grid[adapter_name]
+    ids = layer.block_ids(adapter_name)
+    full = [b for b, w in zip(ids, grid.widths(ids)) if w == grid.width]
+    n_swap = int(fraction * len(full))
+    if n_swap == 0:
+        return []
+    widths = np.array(grid.widths(range(grid.n_blocks)))
+    unselected = np.setdiff1d(np.flatnonzero(widths == grid.width), ids)
+    if unselected.size == 0:
+        return []
+    lines = layer.mftc_delta[adapter_name].detach()
+    starts = dict(zip(ids, np.cumsum([0, *grid.widths(ids)])[:-1]))
+    moved = {b: float(lines[starts[b] : starts[b] + grid.width].float().pow(2).mean()) for b in full}
+    weakest = sorted(full, key=lambda b: (moved[b], b))[:n_swap]
+    strongest = unselected[np.argsort(-energy[unselected], kind="stable")][:n_swap]
+    return [(int(d), int(g)) for d, g in zip(weakest, strongest) if energy[g] > energy[d]]
+
+
+def _move_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, source: torch.Tensor) -> None:
+    """Per-element optimiser state of `param` (any tensor of its shape, e.g. Adam's exp_avg / exp_avg_sq) follows
+    the lines it belonged to; new lines (source -1) start from zero."""
+    state = optimizer.state.get(param, {})
+    kept = source >= 0
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.shape == param.shape:
+            with torch.no_grad():
+                moved = torch.zeros_like(value)
+                moved[kept.to(value.device)] = value[source[kept].to(value.device)]
+                value.copy_(moved)
