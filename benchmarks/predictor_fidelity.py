@@ -3,8 +3,8 @@
 Packaged all-MiniLM-L6-v2 + Rotten Tomatoes (2,000 training snippets, a separate held-out test set, max 64 tokens,
 batch 32). Steps:
 
-1. Per-block gradients on the first `--grad-batches` training batches (`measure_blocks`, the warm-up's measurement): block energies
-   (accumulated squared gradient) and the projections the taylor probe needs.
+1. Per-block gradients on the first `--grad-batches` training batches (`measure_blocks`, the warm-up's
+   measurement): block energies (accumulated squared gradient) and the projections the taylor probe needs.
 2. Module library (a stand-in until DSCA plugs in; see `layer_library`): per transformer layer, fixed groupings of
    that layer's blocks, each taking the highest-energy blocks of its kind. The search space keeps per layer "none"
    plus the `--max-candidates` modules of highest total energy.

@@ -33,8 +33,8 @@ register()
 __version__ = "0.1.0"
 __all__ = [
     "BlockGrid", "BlockMeasurement", "DynamicSpectralClustering", "MFTCConfig", "MFTCLayer", "MFTCModel",
-    "MFTCTrainer", "ReselectReport", "SpectralCoordinator", "WarmupReport", "compute_selection", "make_grid", "measure_blocks",
-    "register", "reselect_blocks", "warmup",
+    "MFTCTrainer", "ReselectReport", "SpectralCoordinator", "WarmupReport", "compute_selection", "make_grid",
+    "measure_blocks", "register", "reselect_blocks", "warmup",
 ]
 
 

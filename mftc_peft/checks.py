@@ -47,7 +47,10 @@ def check_number(name: str, value, *, minimum: float | None = None, allow_inf: b
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
     ok = ok and (allow_inf or math.isfinite(value)) and (minimum is None or value >= minimum)
     if not ok:
-        rule = "a number" if minimum is None else ("a non-negative number" if minimum == 0 else f"a number >= {minimum:g}")
+        if minimum is None:
+            rule = "a number"
+        else:
+            rule = "a non-negative number" if minimum == 0 else f"a number >= {minimum:g}"
         raise ValueError(f"`{name}` must be {rule}, got {value!r}")
     return float(value)
 

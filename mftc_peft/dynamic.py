@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .checks import is_real
+from .measure import weight_gradients_only
 from .model import mftc_tuner
 from .signatures import SignatureCollector
 from .state import adapter_name_of, preserved_state
@@ -78,13 +79,7 @@ def _energy_per_element(peft_model, layers, adapter_name, batches, compute_loss)
     """Mean squared gradient per element of every block of every adapted weight, at the current adapter."""
     grids = {name: layer.mftc_grid[adapter_name] for name, layer in layers.items()}
     with preserved_state(peft_model, adapter_name=adapter_name):
-        for param in peft_model.parameters():
-            param.requires_grad_(False)
-        targets = {name: (layer.get_base_layer().weight, grids[name], layer.fan_in_fan_out)
-                   for name, layer in layers.items()}
-        for weight, _, _ in targets.values():
-            weight.requires_grad_(True)
-        peft_model.eval()
+        targets = weight_gradients_only(peft_model, layers, grids)
         collector = SignatureCollector(targets, kind="energy", window=max(2, len(batches)))
         with collector:
             for batch in batches:

@@ -85,7 +85,8 @@ class MFTCLayer(BaseTunerLayer):
                 del self.mftc_scale[adapter_name]
         else:
             per_block = torch.tensor([float(scale_of[b]) for b in ids], dtype=torch.float32)
-            self.mftc_scale[adapter_name] = per_block.repeat_interleave(torch.tensor(grid.widths(ids), dtype=torch.long))
+            widths = torch.tensor(grid.widths(ids), dtype=torch.long)
+            self.mftc_scale[adapter_name] = per_block.repeat_interleave(widths)  # (lines,)
         if n_lines:
             self.frozen_peft_weight_names.pop(adapter_name, None)
         else:

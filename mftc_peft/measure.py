@@ -136,6 +136,21 @@ def _fit_head(run: WarmupRun, batches: list[dict]) -> None:
             optimizer.zero_grad(set_to_none=True)
 
 
+def weight_gradients_only(peft_model, layers: dict, grids: dict) -> dict:
+    """Make the adapted base weights the only tensors that require grad and put the model in eval mode (so the
+    measurement is deterministic); returns the `SignatureCollector` targets. The caller restores the model's state
+    (`preserved_state`)."""
+    for param in peft_model.parameters():
+        param.requires_grad_(False)
+    targets = {
+        name: (layer.get_base_layer().weight, grids[name], layer.fan_in_fan_out) for name, layer in layers.items()
+    }
+    for weight, _, _ in targets.values():
+        weight.requires_grad_(True)
+    peft_model.eval()
+    return targets
+
+
 def _collect(run: WarmupRun, layers: dict, grids: dict, batches: list[dict]):
     """Warm-up backward passes: per-block signatures from hooks on the target weights, DSCA every `dsca_every`.
 
@@ -143,14 +158,7 @@ def _collect(run: WarmupRun, layers: dict, grids: dict, batches: list[dict]):
     is in eval mode, so the measurement is deterministic given the batches.
     """
     config, seeds = run.config, run.seeds
-    for param in run.peft_model.parameters():
-        param.requires_grad_(False)
-    targets = {
-        name: (layer.get_base_layer().weight, grids[name], layer.fan_in_fan_out) for name, layer in layers.items()
-    }
-    for weight, _, _ in targets.values():
-        weight.requires_grad_(True)
-    run.peft_model.eval()
+    targets = weight_gradients_only(run.peft_model, layers, grids)
     m = sum(grid.n_blocks for grid in grids.values())
     dsca = DynamicSpectralClustering(
         n_clusters=min(config.n_clusters, m), embed_dim=min(config.embed_dim, max(m - 1, 1)),

@@ -101,7 +101,8 @@ def iterate_batches(
 
 # ------------------------------------------------------------------------------------------------------------ metrics
 def loss_and_outputs(model: nn.Module, batch, compute_loss: LossFn | None):
-    """(loss, outputs) of a batch: `outputs.loss` by default, else `compute_loss(model, batch)` (outputs: maybe None)."""
+    """(loss, outputs) of a batch: `outputs.loss` by default, else `compute_loss(model, batch)` (outputs may be
+    None)."""
     if compute_loss is None:
         outputs = model(**batch)
         loss = getattr(outputs, "loss", None)
