@@ -1,6 +1,5 @@
 """DSCA on planted structure: recovery (exact and pynndescent paths), tracking, eigensolver oracle, determinism, errors."""
 
-import warnings
 
 import numpy as np
 import pytest
@@ -12,8 +11,6 @@ from threadpoolctl import threadpool_limits
 from mftc_peft import eigensolver, graph
 from mftc_peft.dsca import DynamicSpectralClustering
 from mftc_peft.eigensolver import laplacian_eigenvectors
-from mftc_peft.module_library import cluster_embedding
-from mftc_peft.spectral_diagnostics import eigengap, energy_concentration, label_agreement, subspace_drift
 
 
 # Well-separated planted groups give a kNN graph with one component per group: the warning is right, and expected.
@@ -121,16 +118,6 @@ def test_module_library_records_sizes_energy_and_stability():
     assert est.stability_ >= 0.9
 
 
-def test_size_bounds_merge_and_split():
-    labels = np.repeat([0, 1, 2], [50, 5, 145])
-    embedding = np.eye(3)[labels] + 0.01 * np.random.default_rng(0).normal(size=(200, 3))
-    out = cluster_embedding(embedding, 3, min_size=10, max_size=80, random_state=0)
-    counts = np.bincount(out)
-    assert counts.min() >= 10 and counts.max() <= 80 and counts.sum() == 200
-    with pytest.raises(ValueError, match="`max_size` must be at least 2 \\* min_size = 20, got 15"):
-        cluster_embedding(embedding, 3, min_size=10, max_size=15)
-
-
 def test_warnings_for_disconnected_graph_and_zero_rows():
     rng = np.random.default_rng(0)
     signatures = np.zeros((200, 8))
@@ -213,47 +200,3 @@ def test_invalid_signatures(signatures, message):
 def test_fit_rejects_empty_sequence():
     with pytest.raises(ValueError, match="`sequence` must hold at least one"):
         DynamicSpectralClustering().fit([])
-
-
-def test_diagnostics():
-    basis = np.linalg.qr(np.random.default_rng(0).normal(size=(30, 3)))[0]
-    inside = basis @ np.array([1.0, 2.0, 0.0])
-    np.testing.assert_allclose(energy_concentration(inside, basis), [0.2, 1.0, 1.0])
-    assert subspace_drift(basis, basis @ scipy.linalg.qr(np.ones((3, 3)) + np.eye(3))[0]) < 1e-6  # rotation only
-    assert subspace_drift(basis[:, :1], basis[:, 1:2]) == pytest.approx(np.pi / 2)
-    assert label_agreement(np.array([0, 0, 1, 1]), np.array([1, 1, 0, 0])) == {"ari": 1.0, "nmi": 1.0}
-    assert eigengap(np.array([0.0, 0.01, 0.5]), 2) == pytest.approx(0.49)
-    assert np.isnan(eigengap(np.array([0.0, 0.01]), 2))
-    with pytest.raises(ValueError, match="`signals` must not be all zero"):
-        energy_concentration(np.zeros(30), basis)
-    with pytest.raises(ValueError, match="must share m rows, got \\(29,\\) and \\(30, 3\\)"):
-        energy_concentration(np.ones(29), basis)
-    with pytest.raises(ValueError, match="`labels` and `previous` must be 1-D of one length"):
-        label_agreement(np.zeros(3), np.zeros(4))
-    with pytest.raises(ValueError, match="`n_clusters` must be a positive integer, got 0"):
-        eigengap(np.ones(3), 0)
-    with pytest.raises(ValueError, match="`current` and `previous` must be 2-D with the same rows"):
-        subspace_drift(basis, basis[:5])
-
-
-def test_graph_and_solver_argument_errors():
-    points = np.random.default_rng(0).normal(size=(20, 3))
-    with pytest.raises(ValueError, match="`n_neighbors` must be an integer in 1..19, got 20"):
-        graph.knn_graph(points, 20)
-    with pytest.raises(ValueError, match="`method` must be one of \\('exact', 'nndescent'\\), got 'kd'"):
-        graph.knn_graph(points, 3, method="kd")
-    with pytest.raises(ValueError, match="`decay` must lie in \\[0, 1\\), got 1.5"):
-        graph.ema_affinity(None, np.zeros((2, 1)), np.zeros((2, 1)), np.zeros((2, 1)), decay=1.5, n_neighbors=1)
-    with pytest.raises(ValueError, match="exactly one of `n_neighbors` and `top_p` must be given"):
-        graph.ema_affinity(None, np.zeros((2, 1)), np.zeros((2, 1)), np.zeros((2, 1)), decay=0.5)
-    with pytest.raises(ValueError, match="`similarity` must be one of"):
-        graph.prepare_points(points, "dot")
-    adjacency = sp.eye_array(30)
-    with pytest.raises(ValueError, match="`n_components` must be an integer in 1..29, got 30"):
-        laplacian_eigenvectors(adjacency, 30)
-    with pytest.raises(ValueError, match="`init` must be a finite array of shape \\(30, 2\\)"):
-        laplacian_eigenvectors(adjacency, 2, init=np.ones((30, 3)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        indices, distances = graph.knn_graph(points, 3)
-    assert indices.shape == (20, 3) and not np.any(indices == np.arange(20)[:, None])
