@@ -11,7 +11,7 @@ from peft.config import PeftConfig
 from .blocks import AXIS_CHOICES
 from .checks import check_choice, check_int, check_range, is_int, is_real
 from .graph import SIMILARITIES
-from .probes import PROBES
+from .probes import BLOCK_SCORES, PROBES
 from .registry import mftc_peft_type
 from .search import GROUPINGS
 from .selection import METHODS as SEARCH_METHODS
@@ -158,6 +158,14 @@ class MFTCConfig(PeftConfig):
             "'finetune' (train head + candidate for `probe_steps`) or 'regression' (random architectures jointly)."
         },
     )
+    block_score: str = field(
+        default="energy",
+        metadata={
+            "help": "What the 'taylor' probe values in a block: 'energy' (its squared mean gradient) or "
+            "'consistency' (that divided by its mean squared gradient per batch: how consistently the batches push "
+            "it, in [0, 1], whatever its size)."
+        },
+    )
     probe_steps: int = field(default=4, metadata={"help": "Training steps per 'finetune'/'regression' probe."})
     probe_repeats: int = field(default=2, metadata={"help": "Repeats per probe, for the spread sigma."})
     probe_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the 'finetune'/'regression' probes."})
@@ -234,6 +242,9 @@ class MFTCConfig(PeftConfig):
         check_choice("signature_kind", self.signature_kind, SIGNATURE_KINDS)
         check_choice("similarity", self.similarity, SIMILARITIES)
         check_choice("probe", self.probe, PROBES)
+        check_choice("block_score", self.block_score, BLOCK_SCORES)
+        if self.block_score != "energy" and self.probe != "taylor":
+            raise ValueError(f"`block_score` {self.block_score!r} needs probe='taylor', got probe={self.probe!r}")
         check_choice("search_method", self.search_method, SEARCH_METHODS)
         if not (isinstance(self.node_grouping, str) and self.node_grouping in GROUPINGS) and not (
             isinstance(self.node_grouping, int) and not isinstance(self.node_grouping, bool) and self.node_grouping > 0

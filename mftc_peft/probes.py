@@ -35,6 +35,7 @@ from .search import SearchSpace
 logger = logging.getLogger(__name__)
 
 PROBES = ("taylor", "finetune", "regression")  # "taylor" here; the others in probes_finetune.py
+BLOCK_SCORES = ("energy", "consistency")  # what a block's taylor gain measures (`consistency_projections`)
 
 
 
@@ -48,6 +49,27 @@ def gradient_projections(block_gradients) -> np.ndarray:
             f"`block_gradients` must be a finite array of shape (micro-batches, blocks, d), got shape {g.shape}"
         )
     return np.einsum("tbd,bd->tb", g, g.mean(axis=0))
+
+
+def consistency_projections(projections, energy) -> np.ndarray:
+    """The projections rescaled so that a block's taylor gain is its gradient consistency, not its magnitude.
+
+    Each column p_b(t) is divided by the block's mean squared gradient per micro-batch, e_b / T, so that its mean
+    over t becomes ||gbar_b||^2 / mean_t ||g_b(t)||^2 in [0, 1]: 1 when every micro-batch pushes the block the same
+    way, about 1/T for noise. A candidate's gain is then the sum of its blocks' consistencies: the search prefers
+    many consistent blocks over a few large-gradient ones (the "largest gradient" rule loses to random selections in
+    published ablations and in NOTES.md). Blocks without gradient get 0.
+    """
+    p = np.asarray(projections, dtype=float)
+    e = np.asarray(energy, dtype=float)
+    if p.ndim != 2 or e.shape != (p.shape[1],) or np.any(e < 0):
+        raise ValueError(
+            f"`energy` must be a non-negative array with one value per projection column ({p.shape[-1]}), "
+            f"got shape {e.shape}"
+        )
+    per_batch = e / p.shape[0]
+    safe = np.where(per_batch > 0, per_batch, 1.0)
+    return np.where(per_batch > 0, p / safe, 0.0)
 
 
 def taylor_probe(space: SearchSpace, projections, *, lr: float) -> list[ProbeResult]:

@@ -19,7 +19,7 @@ from .context import WarmupRun
 from .measure import BlockMeasurement, measure
 from .model import mftc_tuner
 from .predictor import AdditiveModel, models_from_probes
-from .probes import taylor_probe
+from .probes import consistency_projections, taylor_probe
 from .probes_finetune import finetune_probe, regression_probe
 from .report import WarmupReport, build_report
 from .search import SearchSpace, build_search_space, share_levels_up_to
@@ -123,7 +123,10 @@ def _probe(run: WarmupRun, space: SearchSpace, measurement: BlockMeasurement):
     config = run.config
     if config.probe == "taylor":
         # lr = 1: the hypothetical step size scales every candidate alike and does not change the ranking.
-        results = taylor_probe(space, measurement.projections, lr=1.0)
+        projections = measurement.projections
+        if config.block_score == "consistency":
+            projections = consistency_projections(projections, measurement.table.energy)
+        results = taylor_probe(space, projections, lr=1.0)
         return models_from_probes(results, space.n_candidates_per_node, base_accuracy=0.0, base_loss=0.0)
     probe = finetune_probe if config.probe == "finetune" else regression_probe
     report = probe(

@@ -124,10 +124,3 @@ def test_trainer_reselects_every_k_steps_and_keeps_the_count(tmp_path, monkeypat
     calls.clear()
     make_trainer(tmp_path / "plain", max_steps=4).train()
     assert calls == []  # off by default
-
-
-def test_config_errors():
-    with pytest.raises(ValueError, match=r"`reselect_every` must be a non-negative integer, got -1"):
-        MFTCConfig(reselect_every=-1)
-    with pytest.raises(ValueError, match=r"`reselect_fraction` must be a number in \(0, 1\], got 0"):
-        MFTCConfig(reselect_fraction=0)

@@ -142,3 +142,17 @@ def test_block_ids_accept_numpy_and_torch_integers():
     config = MFTCConfig(block_selection={"query": [np.int64(1), torch.tensor(2)]})
     assert config.block_selection == {"query": [1, 2]}
     assert all(type(i) is int for i in config.block_selection["query"])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"step_scale": "fisher"}, r"`step_scale` must be one of \('none', 'energy'\), got 'fisher'"),
+    ({"step_scale_power": 0}, r"`step_scale_power` must be a positive number, got 0"),
+    ({"reselect_every": -1}, r"`reselect_every` must be a non-negative integer, got -1"),
+    ({"reselect_fraction": 0}, r"`reselect_fraction` must be a number in \(0, 1\], got 0"),
+    ({"reselect_batches": 0}, r"`reselect_batches` must be a positive integer, got 0"),
+    ({"block_score": "snr"}, r"`block_score` must be one of \('energy', 'consistency'\), got 'snr'"),
+    ({"block_score": "consistency", "probe": "finetune"}, r"`block_score` 'consistency' needs probe='taylor'"),
+])
+def test_issue12_options_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MFTCConfig(**kwargs)

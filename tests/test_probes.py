@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from mftc_peft.probes import gradient_projections, taylor_probe
+from mftc_peft.probes import consistency_projections, gradient_projections, taylor_probe
 from mftc_peft.predictor import models_from_probes
 from mftc_peft.search import BlockTable, build_search_space
 
@@ -69,3 +69,30 @@ def test_taylor_probe_single_batch_has_zero_spread():
 def test_taylor_validation(call, match):
     with pytest.raises(ValueError, match=match):
         call(_space())
+
+
+def test_consistency_is_one_for_steady_gradients_and_zero_for_noise():
+    g = np.array([[[1.0, 2.0], [3.0, 0.0], [0.0, 0.0]], [[1.0, 2.0], [-3.0, 0.0], [0.0, 0.0]]])  # (T=2, blocks=3, d)
+    p = gradient_projections(g)
+    energy = (g ** 2).sum(axis=(0, 2))  # accumulated squared gradient per block
+    c = consistency_projections(p, energy)
+    np.testing.assert_allclose(c.mean(axis=0), [1.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match=r"`energy` must be a non-negative array with one value per projection"):
+        consistency_projections(p, energy[:2])
+
+
+def test_warmup_values_blocks_by_consistency_when_asked():
+    import mftc_peft
+    from test_warmup import token_batches, warm_model
+
+    _, model = warm_model(block_score="consistency")
+    measurement = mftc_peft.measure_blocks(model, token_batches(6))
+    table = measurement.table
+    consistency = consistency_projections(measurement.projections, table.energy).mean(axis=0)
+    row_of = {(name, int(b)): r for r, (name, b) in enumerate(zip(table.module_names, table.block_ids))}
+    report = mftc_peft.warmup(model, token_batches(6), progress=False)
+    candidates = [c for c in report.candidates if c["blocks"]]
+    assert candidates
+    for c in candidates:
+        rows = [row_of[(name, b)] for name, ids in c["blocks"].items() for b in ids]
+        assert c["predicted_gain"] == pytest.approx(consistency[rows].sum(), rel=1e-9)

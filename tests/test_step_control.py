@@ -102,15 +102,6 @@ def test_the_warmup_sets_energy_scales_only_when_asked():
             assert torch.allclose(layer.mftc_scale["default"], expected)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"step_scale": "fisher"}, r"`step_scale` must be one of \('none', 'energy'\), got 'fisher'"),
-    ({"step_scale_power": 0}, r"`step_scale_power` must be a positive number, got 0"),
-])
-def test_config_errors(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        MFTCConfig(**kwargs)
-
-
 def test_set_block_selection_checks_the_scales_before_changing_anything():
     _, model = _scaled_model(0.5)
     before = model.base_model.block_selection()
