@@ -32,7 +32,6 @@ logger = logging.getLogger(__name__)
 # "auto" eigen_tol: residual ||N u - mu u|| of the leading pairs. The angle error is ~ tol / eigengap, far below
 # anything that moves a k-means assignment.
 _AUTO_TOL = 1e-3
-_EXPLORE_FRACTION = 4  # a warm graph refresh samples k/4 two-hop and k/4 random candidates per node
 
 
 class DynamicSpectralClustering(BaseEstimator):
@@ -162,7 +161,7 @@ class DynamicSpectralClustering(BaseEstimator):
             )
         if not np.any(X):
             raise ValueError(f"`signatures` must not be all zero, got an all-zero array of shape {X.shape!r}")
-        points = graph._prepare_points(X, self.similarity)
+        points = graph.prepare_points(X, self.similarity)
         if np.all(points == points[0]):
             raise ValueError(
                 "`signatures` must vary across nodes, got rows that are all identical"
@@ -211,7 +210,7 @@ class DynamicSpectralClustering(BaseEstimator):
     def _step(self, X, sizes, energy):
         reset = self._reset_next_ or self._since_reset_ >= self.reset_every
         affinity = self._graph_step(X, reset)
-        adjacency, _ = graph._normalized_adjacency(affinity)
+        adjacency, _ = graph.normalized_adjacency(affinity)
         tol = _AUTO_TOL if self.eigen_tol == "auto" else float(self.eigen_tol)
         values, vectors, info = laplacian_eigenvectors(
             adjacency, self.embed_dim, init=None if reset else self.embedding_, tol=tol, max_iter=self.max_iter,
@@ -235,25 +234,12 @@ class DynamicSpectralClustering(BaseEstimator):
 
     def _graph_step(self, X, reset):
         """Candidates, S(t) on them, EMA with W(t-1), sparsification; warns when the graph is disconnected."""
-        points = graph._prepare_points(X, self.similarity)
-        k = self.n_neighbors_
         m = X.shape[0]
-        previous = () if self._kept_ is None else (self._kept_,)
-        if m <= self.exact_threshold or reset or self._knn_ is None:
-            method = "exact" if m <= self.exact_threshold else "nndescent"
-            knn, _ = graph._knn_graph(points, k, method, self._random.randint(np.iinfo(np.int32).max))
-            cand, current = graph._merge_candidates(knn, *previous)
-            distances = graph._row_distances(points, cand)
-        else:
-            explored = graph._explore_candidates(self._knn_, max(k // _EXPLORE_FRACTION, 2), self._explore_rng)
-            cand, _ = graph._merge_candidates(self._knn_, explored, *previous)
-            distances = graph._row_distances(points, cand)
-            current = graph._nearest_mask(distances, k)
-        self._knn_ = graph._compact(cand, current)
-        bandwidth = self.bandwidth or graph.median_bandwidth(distances[current])
-        sim = graph._similarity(points, cand, distances, self.similarity, bandwidth)
-        affinity, self._kept_ = graph._ema_affinity(
-            self.affinity_, cand, sim, current, float(self.ema_decay), None if self.top_p else k, self.top_p
+        affinity, self._knn_, self._kept_ = graph.update_affinity(
+            graph.prepare_points(X, self.similarity), self.affinity_, self._knn_, self._kept_,
+            n_neighbors=self.n_neighbors_, exact=m <= self.exact_threshold, rebuild=reset, random_state=self._random,
+            explore_rng=self._explore_rng, similarity=self.similarity, bandwidth=self.bandwidth,
+            decay=self.ema_decay, top_p=self.top_p,
         )
         n_components, _ = connected_components(affinity, directed=False)
         if n_components > 1:

@@ -14,6 +14,7 @@ import scipy.sparse as sp
 
 SIMILARITIES = ("cosine", "gaussian")
 KNN_METHODS = ("exact", "nndescent")
+EXPLORE_FRACTION = 4  # a warm graph refresh samples k/4 two-hop and k/4 random candidates per node
 _CHUNK = 8192  # rows per chunk for gathers: bounds the (chunk, c, d) temporaries to a few tens of MB
 
 
@@ -275,3 +276,35 @@ def laplacian_dense(affinity) -> np.ndarray:
     """Dense symmetric normalised Laplacian I - D^-1/2 W D^-1/2: an oracle for small graphs (tests, diagnostics)."""
     adjacency, _ = normalized_adjacency(affinity)
     return np.eye(adjacency.shape[0]) - adjacency.toarray()
+
+
+def update_affinity(
+    points, previous, knn, kept, *, n_neighbors: int, exact: bool, rebuild: bool, random_state, explore_rng,
+    similarity: str, bandwidth, decay: float, top_p,
+):
+    """One DSCA graph step on prepared `points`: candidate neighbours, S(t) on them, EMA with the `previous`
+    affinity W(t-1), sparsification. Returns (affinity, knn, kept) for the next step.
+
+    Candidates come from a fresh kNN search (exact when `exact`, else pynndescent) when `rebuild`, `exact` or there
+    is no previous `knn`; otherwise from the previous neighbours, their neighbours and random nodes (`explore_rng`),
+    cut back to the `n_neighbors` nearest. The edges `kept` last time always stay candidates, so the EMA can decay
+    them instead of dropping them at once.
+    """
+    previous_kept = () if kept is None else (kept,)
+    if exact or rebuild or knn is None:
+        method = "exact" if exact else "nndescent"
+        found, _ = _knn_graph(points, n_neighbors, method, random_state.randint(np.iinfo(np.int32).max))
+        cand, current = _merge_candidates(found, *previous_kept)
+        distances = _row_distances(points, cand)
+    else:
+        explored = _explore_candidates(knn, max(n_neighbors // EXPLORE_FRACTION, 2), explore_rng)
+        cand, _ = _merge_candidates(knn, explored, *previous_kept)
+        distances = _row_distances(points, cand)
+        current = _nearest_mask(distances, n_neighbors)
+    knn = _compact(cand, current)
+    bandwidth = bandwidth or median_bandwidth(distances[current])
+    sim = _similarity(points, cand, distances, similarity, bandwidth)
+    affinity, kept = _ema_affinity(
+        previous, cand, sim, current, float(decay), None if top_p else n_neighbors, top_p
+    )
+    return affinity, knn, kept
