@@ -143,6 +143,11 @@ class MFTCLayer(BaseTunerLayer):
             if key in self.mftc_delta:
                 self._mftc_wants_grad[key] = requires_grad
 
+    def record_trainability(self, adapter_name: str, wants_grad: bool) -> None:
+        """Remember whether PEFT wants the adapter trainable (an empty delta is frozen whatever PEFT wants, so its own
+        flag cannot tell); a delta filled from a checkpoint later gets this trainability."""
+        self._mftc_wants_grad[adapter_name] = bool(wants_grad)
+
     def block_ids(self, adapter_name: str) -> list[int]:
         return self.mftc_idx[adapter_name].tolist()
 

@@ -71,7 +71,7 @@ class MFTCModel(BaseTuner):
         # delta filled from a checkpoint later gets the same trainability (see MFTCLayer._resize_to_checkpoint).
         wants_grad = not config.inference_mode and adapter_name in self.active_adapters
         for _, layer in self.mftc_layers(adapter_name):
-            layer._mftc_wants_grad[adapter_name] = wants_grad
+            layer.record_trainability(adapter_name, wants_grad)
 
     def _grid_for(self, config: MFTCConfig, module_name: str, module: nn.Module) -> BlockGrid:
         in_features, out_features = _in_out_features(module)
