@@ -264,10 +264,7 @@ class MFTCConfig(PeftConfig):
         check_range("spectral_filter", self.spectral_filter, 0.0, 1.0, "in [0, 1)")
         check_range("spectral_reg", self.spectral_reg, 0.0, float("inf"), "a number >= 0")
         check_range("confidence", self.confidence, 0.0, float("inf"), "a number >= 0")
-        if not isinstance(self.head_warmup_steps, int) or isinstance(self.head_warmup_steps, bool) or (
-            self.head_warmup_steps < 0
-        ):
-            raise ValueError(f"`head_warmup_steps` must be a non-negative integer, got {self.head_warmup_steps!r}")
+        check_int("head_warmup_steps", self.head_warmup_steps, minimum=0)
         if not (is_real(self.head_warmup_lr) and self.head_warmup_lr > 0):
             raise ValueError(f"`head_warmup_lr` must be a positive number, got {self.head_warmup_lr!r}")
         if not (is_real(self.probe_lr) and self.probe_lr > 0):

@@ -20,7 +20,7 @@ import numpy as np
 from scipy.stats import spearmanr
 from sklearn.metrics import mean_absolute_error, r2_score
 
-from .checks import check_rng
+from .checks import check_number, check_rng
 
 logger = logging.getLogger(__name__)
 
@@ -178,8 +178,7 @@ def fit_additive_model(
     The returned `spread` holds each delta's standard error (residual variance x diag of the inverse normal matrix)
     when there are more architectures than coefficients, else it is None.
     """
-    if not (isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha >= 0):
-        raise ValueError(f"`alpha` must be a non-negative number, got {alpha!r}")
+    alpha = check_number("alpha", alpha, minimum=0, allow_inf=False)
     arch = np.asarray(architectures)
     if n_candidates_per_node is None:
         if arch.ndim != 2 or arch.size == 0:

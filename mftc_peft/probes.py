@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 
 import numpy as np
 from scipy import sparse
 
+from .checks import check_positive_number
 from .predictor import ProbeResult
 from .search import SearchSpace
 
@@ -97,9 +97,7 @@ def taylor_probe(space: SearchSpace, projections, *, lr: float) -> list[ProbeRes
             f"`projections` must be a finite array of shape (micro-batches, blocks) with at least {n_rows} block "
             f"columns (the rows the candidates use), got shape {p.shape}"
         )
-    if not (isinstance(lr, numbers.Real) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"`lr` must be a positive number, got {lr!r}")
-    return _taylor_probe(space, p, float(lr))
+    return _taylor_probe(space, p, check_positive_number("lr", lr))
 
 
 def _taylor_probe(space: SearchSpace, p: np.ndarray, lr: float) -> list[ProbeResult]:

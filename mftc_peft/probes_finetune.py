@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .model import mftc_tuner
-from .checks import check_int, check_positive_number, check_rng
+from .checks import check_int, check_number, check_positive_number, check_rng
 from .predictor import AdditiveModel, ProbeResult, fit_additive_model, sample_architectures
 from .predictor import models_from_probes
 from .search import SearchSpace
@@ -312,8 +312,7 @@ def regression_probe(
     if not (isinstance(n_architectures, numbers.Integral) and not isinstance(n_architectures, bool)
             and 2 <= n_architectures <= total):
         raise ValueError(f"`n_architectures` must be an integer in 2..{total}, got {n_architectures!r}")
-    if not (isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and alpha >= 0):
-        raise ValueError(f"`alpha` must be a non-negative number, got {alpha!r}")
+    alpha = check_number("alpha", alpha, minimum=0)
     rng = check_rng("seed", seed)
     s = _Settings(int(probe_steps), float(lr), float(head_lr or lr), optimizer, weight_decay, bool(dropout),
                   compute_loss)

@@ -21,6 +21,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from .checks import is_int
+
 logger = logging.getLogger(__name__)
 
 GROUPINGS = ("layer", "module")
@@ -192,12 +194,9 @@ def build_search_space(
     """
     if not isinstance(table, BlockTable):
         raise ValueError(f"`table` must be a BlockTable, got {type(table).__name__}")
-    if not (grouping in GROUPINGS or (isinstance(grouping, numbers.Integral) and not isinstance(grouping, bool)
-                                      and grouping >= 1)):
+    if not (grouping in GROUPINGS or (is_int(grouping) and grouping >= 1)):
         raise ValueError(f"`grouping` must be one of {GROUPINGS} or a positive integer, got {grouping!r}")
-    if max_candidates is not None and not (
-        isinstance(max_candidates, numbers.Integral) and not isinstance(max_candidates, bool) and max_candidates >= 1
-    ):
+    if max_candidates is not None and not (is_int(max_candidates) and max_candidates >= 1):
         raise ValueError(f"`max_candidates` must be a positive integer or None, got {max_candidates!r}")
     modules = []
     for m, rows in enumerate(library):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .blocks import BlockGrid
+from .checks import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +47,8 @@ class SignatureCollector:
     ):
         if kind not in KINDS:
             raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}")
-        for name, value in (("window", window), ("sketch_dim", sketch_dim)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+        check_int("window", window)
+        check_int("sketch_dim", sketch_dim)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"`seed` must be an integer, got {seed!r}")
         if not targets:
