@@ -54,6 +54,7 @@ VARIANTS = {
     "energy_steps": ("mftc", {"step_scale": "energy"}),
     "reselect_16": ("mftc", {"reselect_every": 16, "reselect_fraction": 0.25}),
     "consistency": ("mftc", {"block_score": "consistency"}),
+    "proportional_top": ("proportional_top", {}),
 }
 # Learning-rate brackets (classification): block selections peaked at 5e-3 in the cpu profile, LoRA at 2e-3 (it
 # diverged at 5e-3). `--lr` replaces them for every variant.

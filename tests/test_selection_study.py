@@ -75,3 +75,15 @@ def test_study_runs_variants_on_the_validation_split(tmp_path):
         assert r["eval_split"] == "val" and r["val_accuracy"] is not None
     assert {r["variant"]: r["mftc_config"] for r in records}["node_share_1"] == {"max_node_share": 1.0}
     assert "| node_share_1 |" in (tmp_path / "selection_study.md").read_text()
+
+
+def test_proportional_top_spreads_like_random_and_picks_by_energy_inside():
+    names = ["encoder.layer.0.ffn"] * 6 + ["encoder.layer.0.query"] * 2 + ["encoder.layer.1.ffn"] * 4
+    table = BlockTable(module_names=tuple(names), block_ids=np.array([*range(6), *range(2), *range(4)]),
+                       sizes=np.full(12, 10), energy=np.array([1, 9, 2, 8, 3, 0, 50, 40, 7, 1, 6, 2], float))
+    m = selections.Measurement(table=table, projections=np.ones((2, 12)), library=[list(range(12))], seconds=0.0,
+                               dsca_seconds=0.0)
+    # 6 blocks over 12: quotas 3 / 1 / 2 by block count, each weight's highest-energy blocks (query gets only one
+    # although both of its blocks beat every FFN block)
+    assert selections.proportional_top_selection(m, budget=60) == {
+        "encoder.layer.0.ffn": [1, 3, 4], "encoder.layer.0.query": [0], "encoder.layer.1.ffn": [0, 2]}

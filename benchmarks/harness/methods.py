@@ -289,6 +289,8 @@ STUDY_BUILDERS = {
     "sqrt_energy_sampled": _study_builder(
         lambda m, ctx: selections.energy_sampled_selection(m, ctx.match_budget, ctx.seed, power=0.5),
         uses_dsca=False),
+    "proportional_top": _study_builder(
+        lambda m, ctx: selections.proportional_top_selection(m, ctx.match_budget), uses_dsca=False),
     "bottom_energy": _study_builder(
         lambda m, ctx: selections.bottom_energy_selection(m, ctx.match_budget), uses_dsca=False),
 }

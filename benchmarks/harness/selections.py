@@ -13,7 +13,8 @@ and seeds on the same micro-batches), so the ablations differ from MFTC only in 
   its usual energy truncations.
 
 Baselines of the selection study only (benchmarks/selection_study.py): `round_robin_selection` (one block per DSCA
-module in turn), `adam_gain_selection`, `energy_sampled_selection` and `bottom_energy_selection`.
+module in turn), `adam_gain_selection`, `energy_sampled_selection`, `proportional_top_selection` and
+`bottom_energy_selection`.
 
 Every selection fills at most `budget` elements (greedily; never more).
 """
@@ -121,6 +122,26 @@ def energy_sampled_selection(measurement: Measurement, budget: int, seed: int, p
     weight = np.maximum(table.energy, 1e-300) ** power
     keys = np.log(np.random.default_rng(seed).random(len(table))) / (weight / weight.max())
     return _fill(table, np.argsort(-keys, kind="stable"), budget)
+
+
+def proportional_top_selection(measurement: Measurement, budget: int) -> dict[str, list[int]]:
+    """Random blocks' spread with the gradients' choice inside it: every weight gets a quota of blocks proportional
+    to its number of blocks (what uniform sampling gives in expectation; largest remainders round), filled with its
+    highest-energy blocks. Tests whether MFTC loses by where it puts the budget (layers, roles) or by which blocks."""
+    table = measurement.table
+    names = np.array(table.module_names)
+    weights = list(dict.fromkeys(table.module_names))
+    n_budget = int(budget // max(int(np.median(table.sizes)), 1))
+    share = np.array([np.sum(names == w) for w in weights], dtype=float)
+    exact = n_budget * share / share.sum()
+    quota = np.floor(exact).astype(int)
+    quota[np.argsort(-(exact - quota), kind="stable")[: n_budget - quota.sum()]] += 1
+    rows = []
+    for weight, k in zip(weights, quota):
+        mine = np.flatnonzero(names == weight)
+        rows += mine[np.argsort(-table.energy[mine], kind="stable")][:k].tolist()
+    rows.sort(key=lambda r: -table.energy[r])  # if sizes differ, the budget keeps the strongest
+    return _fill(table, rows, budget)
 
 
 def bottom_energy_selection(measurement: Measurement, budget: int) -> dict[str, list[int]]:
