@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .checks import is_real
+from .layer import move_lines
 from .measure import weight_gradients_only
 from .model import mftc_tuner
 from .signatures import SignatureCollector
@@ -115,11 +116,6 @@ def _pairs(layer, adapter_name: str, energy: np.ndarray, fraction: float) -> lis
 def _move_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, source: torch.Tensor) -> None:
     """Per-element optimiser state of `param` (any tensor of its shape, e.g. Adam's exp_avg / exp_avg_sq) follows
     the lines it belonged to; new lines (source -1) start from zero."""
-    state = optimizer.state.get(param, {})
-    kept = source >= 0
-    for key, value in state.items():
+    for value in optimizer.state.get(param, {}).values():
         if isinstance(value, torch.Tensor) and value.shape == param.shape:
-            with torch.no_grad():
-                moved = torch.zeros_like(value)
-                moved[kept.to(value.device)] = value[source[kept].to(value.device)]
-                value.copy_(moved)
+            move_lines(value, source, fill=0.0)

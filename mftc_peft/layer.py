@@ -68,8 +68,9 @@ class MFTCLayer(BaseTunerLayer):
                 f"`grid` must describe this layer's weight ({self.out_features} x {self.in_features}), "
                 f"got {grid.out_features} x {grid.in_features}"
             )
-        scale_of = None if step_scales is None else dict(zip(grid.check_ids(block_ids), step_scales))
-        ids = sorted(grid.check_ids(block_ids))
+        checked = grid.check_ids(block_ids)
+        scale_of = None if step_scales is None else dict(zip(checked, step_scales))
+        ids = sorted(checked)
         n_lines = sum(grid.widths(ids))
         if init_weights:
             delta = torch.zeros(n_lines, grid.other_length)
@@ -116,18 +117,10 @@ class MFTCLayer(BaseTunerLayer):
             torch.arange(line_of[b], line_of[b] + w) if b in line_of else torch.full((w,), -1)
             for b, w in zip(new_ids, grid.widths(new_ids))
         ]).to(torch.long)
-        kept = source >= 0
-        delta = self.mftc_delta[adapter_name]
-        with torch.no_grad():
-            moved = torch.zeros_like(delta)
-            moved[kept.to(delta.device)] = delta[source[kept].to(delta.device)]
-            delta.copy_(moved)
-            if adapter_name in self.mftc_scale:
-                scale = self.mftc_scale[adapter_name]
-                new_scale = torch.ones_like(scale)
-                new_scale[kept.to(scale.device)] = scale[source[kept].to(scale.device)]
-                scale.copy_(new_scale)
-            self.mftc_idx[adapter_name].copy_(torch.tensor(new_ids, dtype=torch.int32))
+        move_lines(self.mftc_delta[adapter_name], source, fill=0.0)
+        if adapter_name in self.mftc_scale:
+            move_lines(self.mftc_scale[adapter_name], source, fill=1.0)
+        self.mftc_idx[adapter_name].copy_(torch.tensor(new_ids, dtype=torch.int32))
         return source
 
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
@@ -236,6 +229,16 @@ class MFTCLayer(BaseTunerLayer):
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return False
+
+
+def move_lines(tensor: torch.Tensor, source: torch.Tensor, *, fill: float) -> None:
+    """In place: line i of `tensor` becomes old line `source[i]`, or `fill` where `source[i]` is -1 (a new block).
+    Used for a delta, its step scales and any optimiser state of the delta's shape."""
+    kept = (source >= 0).to(tensor.device)
+    with torch.no_grad():
+        moved = torch.full_like(tensor, fill)
+        moved[kept] = tensor[source.to(tensor.device)[kept]]
+        tensor.copy_(moved)
 
 
 def _layer_generator(seed: int, adapter_name: str, grid: BlockGrid, ids: Sequence[int]) -> torch.Generator:
