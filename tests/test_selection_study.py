@@ -87,3 +87,19 @@ def test_proportional_top_spreads_like_random_and_picks_by_energy_inside():
     # although both of its blocks beat every FFN block)
     assert selections.proportional_top_selection(m, budget=60) == {
         "encoder.layer.0.ffn": [1, 3, 4], "encoder.layer.0.query": [0], "encoder.layer.1.ffn": [0, 2]}
+
+
+def test_middle_band_keeps_random_spread_and_draws_inside_the_energy_band():
+    # one weight of 8 blocks whose energy rank is its id, one of 4 ranked in reverse; budget 6 blocks -> quotas 4 / 2
+    names = ["encoder.layer.0.ffn"] * 8 + ["encoder.layer.0.query"] * 4
+    table = BlockTable(module_names=tuple(names), block_ids=np.array([*range(8), *range(4)]),
+                       sizes=np.full(12, 10), energy=np.array([*range(8), 4, 3, 2, 1], float))
+    m = selections.Measurement(table=table, projections=np.ones((2, 12)), library=[list(range(12))], seconds=0.0,
+                               dsca_seconds=0.0)
+    for seed in range(20):
+        chosen = selections.proportional_band_selection(m, budget=60, seed=seed)
+        # ranks [0.25, 0.75) of 8 blocks are ids 2..5, all four drawn; of the query's 4 blocks ranks 1..2: ids 1, 2
+        assert chosen == {"encoder.layer.0.ffn": [2, 3, 4, 5], "encoder.layer.0.query": [1, 2]}
+    narrow = selections.proportional_band_selection(m, budget=20, seed=0, band=(0.0, 0.5))
+    assert sum(len(v) for v in narrow.values()) == 2
+    assert set(narrow.get("encoder.layer.0.ffn", [])) <= {0, 1, 2, 3}

@@ -291,6 +291,8 @@ STUDY_BUILDERS = {
         uses_dsca=False),
     "proportional_top": _study_builder(
         lambda m, ctx: selections.proportional_top_selection(m, ctx.match_budget), uses_dsca=False),
+    "middle_band": _study_builder(
+        lambda m, ctx: selections.proportional_band_selection(m, ctx.match_budget, ctx.seed), uses_dsca=False),
     "bottom_energy": _study_builder(
         lambda m, ctx: selections.bottom_energy_selection(m, ctx.match_budget), uses_dsca=False),
 }

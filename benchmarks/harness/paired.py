@@ -83,12 +83,14 @@ def paired_difference(a: dict[int, float], b: dict[int, float], *, confidence: f
 
 
 def paired_table(picks: dict[str, VariantPick], references: tuple[str, ...], *, scale: float = 100.0,
-                 unit: str = "pt") -> str:
-    """Markdown: every variant at its picked rate, and its paired difference against each reference present."""
+                 unit: str = "pt", higher_is_better: bool = True, digits: int = 2) -> str:
+    """Markdown: every variant at its picked rate, and its paired difference against each reference present.
+    The verdict follows the metric's direction: a lower loss is "better"."""
     refs = [r for r in references if r in picks]
     head = ["variant", "picked lr", "bracket", "seeds", "mean", "std"] + [f"vs {r} ({unit}, 95% CI)" for r in refs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for pick in sorted(picks.values(), key=lambda p: -p.mean):
+    sign = 1.0 if higher_is_better else -1.0
+    for pick in sorted(picks.values(), key=lambda p: -sign * p.mean):
         bracket = ", ".join(f"{lr:g}" for lr in pick.lr_means) + (" (best on edge)" if pick.on_edge else "")
         row = [pick.variant, f"{pick.lr:g}", bracket, str(len(pick.by_seed)), f"{pick.mean:.4f}", f"{pick.std:.4f}"]
         for ref in refs:
@@ -96,7 +98,10 @@ def paired_table(picks: dict[str, VariantPick], references: tuple[str, ...], *, 
                 row.append("-")
                 continue
             d = paired_difference(pick.by_seed, picks[ref].by_seed)
-            row.append(f"{scale * d.mean:+.2f} [{scale * d.low:+.2f}, {scale * d.high:+.2f}] {d.verdict}")
+            bounds = sorted((sign * d.low, sign * d.high))
+            verdict = PairedDifference(d.n, sign * d.mean, *bounds).verdict  # in "higher is better" terms
+            row.append(f"{scale * d.mean:+.{digits}f} [{scale * d.low:+.{digits}f}, {scale * d.high:+.{digits}f}] "
+                       f"{verdict}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

@@ -13,7 +13,8 @@ and seeds on the same micro-batches), so the ablations differ from MFTC only in 
   its usual energy truncations.
 
 Baselines of the selection study only (benchmarks/selection_study.py): `round_robin_selection` (one block per DSCA
-module in turn), `adam_gain_selection`, `energy_sampled_selection`, `proportional_top_selection` and
+module in turn), `adam_gain_selection`, `energy_sampled_selection`, `proportional_top_selection`,
+`proportional_band_selection` and
 `bottom_energy_selection`.
 
 Every selection fills at most `budget` elements (greedily; never more).
@@ -124,11 +125,9 @@ def energy_sampled_selection(measurement: Measurement, budget: int, seed: int, p
     return _fill(table, np.argsort(-keys, kind="stable"), budget)
 
 
-def proportional_top_selection(measurement: Measurement, budget: int) -> dict[str, list[int]]:
-    """Random blocks' spread with the gradients' choice inside it: every weight gets a quota of blocks proportional
-    to its number of blocks (what uniform sampling gives in expectation; largest remainders round), filled with its
-    highest-energy blocks. Tests whether MFTC loses by where it puts the budget (layers, roles) or by which blocks."""
-    table = measurement.table
+def proportional_quotas(table: BlockTable, budget: int) -> list[tuple[np.ndarray, int]]:
+    """(rows of a weight, its quota) for every weight: a number of blocks proportional to the weight's block count
+    (what uniform sampling gives in expectation), largest remainders rounding."""
     names = np.array(table.module_names)
     weights = list(dict.fromkeys(table.module_names))
     n_budget = int(budget // max(int(np.median(table.sizes)), 1))
@@ -136,11 +135,33 @@ def proportional_top_selection(measurement: Measurement, budget: int) -> dict[st
     exact = n_budget * share / share.sum()
     quota = np.floor(exact).astype(int)
     quota[np.argsort(-(exact - quota), kind="stable")[: n_budget - quota.sum()]] += 1
+    return [(np.flatnonzero(names == w), int(k)) for w, k in zip(weights, quota)]
+
+
+def proportional_top_selection(measurement: Measurement, budget: int) -> dict[str, list[int]]:
+    """Random blocks' spread with the gradients' choice inside it: every weight's quota (`proportional_quotas`)
+    filled with its highest-energy blocks. Tests whether MFTC loses by where it puts the budget (layers, roles) or
+    by which blocks."""
+    table = measurement.table
     rows = []
-    for weight, k in zip(weights, quota):
-        mine = np.flatnonzero(names == weight)
+    for mine, k in proportional_quotas(table, budget):
         rows += mine[np.argsort(-table.energy[mine], kind="stable")][:k].tolist()
     rows.sort(key=lambda r: -table.energy[r])  # if sizes differ, the budget keeps the strongest
+    return _fill(table, rows, budget)
+
+
+def proportional_band_selection(measurement: Measurement, budget: int, seed: int,
+                                band: tuple[float, float] = (0.25, 0.75)) -> dict[str, list[int]]:
+    """Random blocks' spread, each weight's quota drawn uniformly from the blocks whose energy rank (0 = weakest,
+    1 = strongest, within the weight) lies in `band`: neither the dead tail nor the top that overfits (NOTES 14)."""
+    table = measurement.table
+    rng = np.random.default_rng(seed)
+    rows = []
+    for mine, k in proportional_quotas(table, budget):
+        ranked = mine[np.argsort(table.energy[mine], kind="stable")]  # weakest first
+        low, high = int(np.floor(band[0] * len(ranked))), int(np.ceil(band[1] * len(ranked)))
+        inside = ranked[low:max(high, low + k)]
+        rows += rng.permutation(inside)[:k].tolist()
     return _fill(table, rows, budget)
 
 
