@@ -66,8 +66,9 @@ BRACKETS = {"cls": {"lora": (1e-3, 2e-3, 4e-3), "energy_steps": (2e-3, 5e-3, 1e-
 DEFAULT_BRACKET = {"cls": (2e-3, 5e-3, 1e-2), "lm": (1e-3, 3e-3, 1e-2)}
 REFERENCES = ("random_blocks", "lora")
 METRIC = {"cls": ("val_accuracy", True), "lm": ("val_perplexity", False)}
-# Accuracy on 1,000 snippets moves in 0.1-point steps and its paired differences spread by ~1.6 points over seeds;
-# the validation loss of the same runs resolves differences about twice as finely (NOTES 15), so it is tabled too.
+# Accuracy's paired differences spread by 1.2-1.9 points over seeds (a 95% interval of +-1.5-2.3 points at 5 seeds);
+# the validation loss of the same runs is continuous and separated two variants that accuracy left within noise at
+# 64 steps (NOTES 15), so it is tabled too. Decisions stay on accuracy, the protocol's metric.
 SECOND_METRIC = {"cls": ("val_loss", False)}
 
 
