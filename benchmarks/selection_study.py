@@ -92,8 +92,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+# The decision length (189 steps): MFTC's default collapsed at 2e-2 at 64 steps, so its bracket is the blocks' one.
+PROFILE_BRACKETS = {"lab_long": {"default": (2e-3, 5e-3, 1e-2)}}
+
+
 def bracket(args, name: str) -> tuple[float, ...]:
-    return tuple(args.lr) if args.lr else BRACKETS[args.task].get(name, DEFAULT_BRACKET[args.task])
+    if args.lr:
+        return tuple(args.lr)
+    for brackets in (PROFILE_BRACKETS.get(args.profile, {}), BRACKETS[args.task]):
+        if name in brackets:
+            return brackets[name]
+    return DEFAULT_BRACKET[args.task]
 
 
 def specs(args, lora_budget: int) -> list[dict]:

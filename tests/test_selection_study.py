@@ -103,3 +103,14 @@ def test_middle_band_keeps_random_spread_and_draws_inside_the_energy_band():
     narrow = selections.proportional_band_selection(m, budget=20, seed=0, band=(0.0, 0.5))
     assert sum(len(v) for v in narrow.values()) == 2
     assert set(narrow.get("encoder.layer.0.ffn", [])) <= {0, 1, 2, 3}
+
+
+def test_a_profile_bracket_overrides_the_task_bracket_and_lr_overrides_both():
+    import selection_study
+
+    long = selection_study.parse_args(["--profile", "lab_long", "--variants", "default,lora"])
+    assert selection_study.bracket(long, "default") == (2e-3, 5e-3, 1e-2)
+    assert selection_study.bracket(long, "lora") == selection_study.BRACKETS["cls"]["lora"]
+    short = selection_study.parse_args(["--variants", "default"])
+    assert selection_study.bracket(short, "default") == selection_study.BRACKETS["cls"]["default"]
+    assert selection_study.bracket(selection_study.parse_args(["--lr", "1e-3"]), "default") == (1e-3,)
