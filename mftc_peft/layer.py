@@ -69,6 +69,7 @@ class MFTCLayer(BaseTunerLayer):
                 f"got {grid.out_features} x {grid.in_features}"
             )
         checked = grid.check_ids(block_ids)
+        kept_dtype = self.mftc_delta[adapter_name].dtype if adapter_name in self.mftc_delta else None
         scale_of = None if step_scales is None else dict(zip(checked, step_scales))
         ids = sorted(checked)
         n_lines = sum(grid.widths(ids))
@@ -94,7 +95,19 @@ class MFTCLayer(BaseTunerLayer):
             # An empty delta never receives a gradient; leaving it trainable would break DistributedDataParallel.
             self.frozen_peft_weight_names[adapter_name] = ("mftc_delta",)
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        if kept_dtype is not None:
+            # PEFT upcasts a new adapter once, after injecting it (`autocast_adapter_dtype`, fp32 on a bf16 base); a
+            # delta re-created later (warm-up, set_block_selection, a checkpoint's shapes) keeps the dtype that cast
+            # or the user gave the old one, where the move above would give it the base's.
+            self._set_adapter_dtype(adapter_name, delta, kept_dtype)
         self.set_adapter(self.active_adapters)
+
+    def _set_adapter_dtype(self, adapter_name: str, delta: torch.Tensor, dtype: torch.dtype) -> None:
+        """The adapter's delta (from its unrounded values `delta`) and step scales in `dtype`, on their device."""
+        device = self.mftc_delta[adapter_name].device
+        self.mftc_delta[adapter_name] = nn.Parameter(delta.to(device=device, dtype=dtype))
+        if adapter_name in self.mftc_scale:
+            self.mftc_scale[adapter_name] = self.mftc_scale[adapter_name].to(dtype)
 
     def swap_blocks(self, adapter_name: str, drop: Sequence[int], grow: Sequence[int]) -> torch.Tensor:
         """Replace selected blocks `drop` by unselected blocks `grow` of the same width, in place: the delta keeps its
@@ -159,14 +172,14 @@ class MFTCLayer(BaseTunerLayer):
         for adapter_name in self.active_adapters:
             if adapter_name not in self.mftc_delta or self.mftc_delta[adapter_name].shape[0] == 0:
                 continue
-            delta = self._delta(adapter_name)
+            # Compute in the input's dtype (bf16 matmuls on a bf16 model); the fp32 delta still takes every small step.
+            delta = self._delta(adapter_name).to(x.dtype)
             positions = self._positions(adapter_name)
-            x_delta = self._cast_input_dtype(x, delta.dtype)
             if self.mftc_grid[adapter_name].axis == "out":
-                update = x_delta @ delta.T  # (..., selected outputs)
+                update = x @ delta.T  # (..., selected outputs)
                 result = result.index_add(-1, positions, update.to(result.dtype))
             else:
-                update = x_delta.index_select(-1, positions) @ delta  # (..., out_features)
+                update = x.index_select(-1, positions) @ delta  # (..., out_features)
                 result = result + update.to(result.dtype)
         return result
 
@@ -197,7 +210,7 @@ class MFTCLayer(BaseTunerLayer):
             positions = self._positions(adapter_name).to(weight.device)
             old_lines = self._read_lines(weight, adapter_name, positions)
             delta = self._delta(adapter_name).detach()
-            new_lines = old_lines.to(delta.dtype) + delta
+            new_lines = old_lines.to(delta.dtype) + delta  # in the delta's dtype (fp32); written in the base's
             if safe_merge and not torch.isfinite(new_lines).all():
                 raise ValueError(
                     f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken"
@@ -310,11 +323,10 @@ class Linear(nn.Module, MFTCLayer):
             ) from None
         old = self.mftc_delta[adapter_name]
         wanted = old.requires_grad if old.numel() else self._mftc_wants_grad.get(adapter_name, False)
-        self.update_layer(adapter_name, grid, ids)
+        self.update_layer(adapter_name, grid, ids)  # keeps the old delta's dtype
         self._mftc_wants_grad[adapter_name] = wanted  # update_layer re-activates; the intent stays what it was
         new = self.mftc_delta[adapter_name]
-        trainable = wanted and new.numel() > 0
-        self.mftc_delta[adapter_name] = nn.Parameter(new.to(old.dtype), requires_grad=trainable)
+        new.requires_grad_(wanted and new.numel() > 0)
 
     def __repr__(self) -> str:
         return "mftc." + super().__repr__()
