@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .checks import check_choice, check_int, check_number, check_positive_number, check_rng
 
@@ -160,6 +161,18 @@ def eval_mode(model: nn.Module):
     finally:
         for module, training in modes:
             module.training = training
+
+
+def deterministic_mode(model: nn.Module) -> nn.Module:
+    """Eval mode (no dropout: a measurement is deterministic) that keeps activation checkpointing: transformers
+    checkpoints a layer only while that layer's own `training` flag is on, so the flag stays on for exactly those layers
+    with checkpointing enabled (their submodules, dropout included, stay in eval mode); otherwise the warm-up's
+    backward passes would hold every activation that training, checkpointed, does not. The caller restores the flags."""
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+            module.training = True
+    return model
 
 
 def evaluate(
