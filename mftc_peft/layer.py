@@ -163,9 +163,9 @@ class MFTCLayer(BaseTunerLayer):
         ids = self.mftc_idx[adapter_name].to(torch.int64)  # int64 for index arithmetic and index_select
         offsets = torch.arange(grid.width, device=ids.device)
         positions = (ids[:, None] * grid.width + offsets).flatten()
-        if grid.length % grid.width:  # the last block is narrower: drop positions past the end
-            positions = positions[positions < grid.length]
-        return positions
+        # Only the last block can be narrower, and ids are sorted, so the positions past the end are the trailing
+        # ones: slice them off by the delta's line count (a host int), not by a mask (a device-to-host sync per forward).
+        return positions[: self.mftc_delta[adapter_name].shape[0]]
 
     # ----- forward ---------------------------------------------------------------------------------------------
     def _add_block_updates(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -295,8 +295,12 @@ class Linear(nn.Module, MFTCLayer):
         # live on the concrete class; on the mixin, nn.Module's method would come first in the MRO.
         for adapter_name in list(self.mftc_delta.keys()):
             ids = state_dict.get(f"{prefix}mftc_idx.{adapter_name}")
+            source = f"checkpoint {prefix}mftc_idx.{adapter_name}"
+            if ids is not None and ids.tolist() != sorted(set(ids.tolist())):
+                # The forward relies on sorted ids (only the last block can be narrow); every saved adapter has them.
+                raise ValueError(f"`{source}` must hold increasing block ids, got {ids.tolist()!r}")
             if ids is not None and ids.tolist() != self.block_ids(adapter_name):
-                self._resize_to_checkpoint(adapter_name, ids.tolist(), f"checkpoint {prefix}mftc_idx.{adapter_name}")
+                self._resize_to_checkpoint(adapter_name, ids.tolist(), source)
             scale = state_dict.get(f"{prefix}mftc_scale.{adapter_name}")
             if scale is not None and (adapter_name not in self.mftc_scale or
                                       self.mftc_scale[adapter_name].shape != scale.shape):

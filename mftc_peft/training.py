@@ -309,12 +309,14 @@ def train_steps(
             opt.zero_grad(set_to_none=True)
             if scheduler is not None:
                 scheduler.step()
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())  # read once at the end: a float per step would wait for the GPU each step
             bar.update(1)
             if on_step is not None:
-                on_step(step, losses[-1])
+                on_step(step, float(losses[-1]))
     finally:
         bar.close()
         opt.zero_grad(set_to_none=True)
     _synchronize(device)
-    return TrainLog(tuple(losses), len(losses), time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    values = tuple(torch.stack(losses).tolist()) if losses else ()
+    return TrainLog(tuple(float(v) for v in values), len(losses), seconds)
