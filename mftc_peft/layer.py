@@ -69,6 +69,7 @@ class MFTCLayer(BaseTunerLayer):
                 f"got {grid.out_features} x {grid.in_features}"
             )
         checked = grid.check_ids(block_ids)
+        kept_dtype = self.mftc_delta[adapter_name].dtype if adapter_name in self.mftc_delta else None
         scale_of = None if step_scales is None else dict(zip(checked, step_scales))
         ids = sorted(checked)
         n_lines = sum(grid.widths(ids))
@@ -94,7 +95,19 @@ class MFTCLayer(BaseTunerLayer):
             # An empty delta never receives a gradient; leaving it trainable would break DistributedDataParallel.
             self.frozen_peft_weight_names[adapter_name] = ("mftc_delta",)
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        if kept_dtype is not None:
+            # PEFT upcasts a new adapter once, after injecting it (`autocast_adapter_dtype`, fp32 on a bf16 base); a
+            # delta re-created later (warm-up, set_block_selection, a checkpoint's shapes) keeps the dtype that cast
+            # or the user gave the old one, where the move above would give it the base's.
+            self._set_adapter_dtype(adapter_name, delta, kept_dtype)
         self.set_adapter(self.active_adapters)
+
+    def _set_adapter_dtype(self, adapter_name: str, delta: torch.Tensor, dtype: torch.dtype) -> None:
+        """The adapter's delta (from its unrounded values `delta`) and step scales in `dtype`, on their device."""
+        device = self.mftc_delta[adapter_name].device
+        self.mftc_delta[adapter_name] = nn.Parameter(delta.to(device=device, dtype=dtype))
+        if adapter_name in self.mftc_scale:
+            self.mftc_scale[adapter_name] = self.mftc_scale[adapter_name].to(dtype)
 
     def swap_blocks(self, adapter_name: str, drop: Sequence[int], grow: Sequence[int]) -> torch.Tensor:
         """Replace selected blocks `drop` by unselected blocks `grow` of the same width, in place: the delta keeps its
@@ -150,23 +163,23 @@ class MFTCLayer(BaseTunerLayer):
         ids = self.mftc_idx[adapter_name].to(torch.int64)  # int64 for index arithmetic and index_select
         offsets = torch.arange(grid.width, device=ids.device)
         positions = (ids[:, None] * grid.width + offsets).flatten()
-        if grid.length % grid.width:  # the last block is narrower: drop positions past the end
-            positions = positions[positions < grid.length]
-        return positions
+        # Only the last block can be narrower, and ids are sorted, so the positions past the end are the trailing
+        # ones: slice them off by the delta's line count (a host int), not by a mask (a device-to-host sync per forward).
+        return positions[: self.mftc_delta[adapter_name].shape[0]]
 
     # ----- forward ---------------------------------------------------------------------------------------------
     def _add_block_updates(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         for adapter_name in self.active_adapters:
             if adapter_name not in self.mftc_delta or self.mftc_delta[adapter_name].shape[0] == 0:
                 continue
-            delta = self._delta(adapter_name)
+            # Compute in the input's dtype (bf16 matmuls on a bf16 model); the fp32 delta still takes every small step.
+            delta = self._delta(adapter_name).to(x.dtype)
             positions = self._positions(adapter_name)
-            x_delta = self._cast_input_dtype(x, delta.dtype)
             if self.mftc_grid[adapter_name].axis == "out":
-                update = x_delta @ delta.T  # (..., selected outputs)
+                update = x @ delta.T  # (..., selected outputs)
                 result = result.index_add(-1, positions, update.to(result.dtype))
             else:
-                update = x_delta.index_select(-1, positions) @ delta  # (..., out_features)
+                update = x.index_select(-1, positions) @ delta  # (..., out_features)
                 result = result + update.to(result.dtype)
         return result
 
@@ -197,7 +210,7 @@ class MFTCLayer(BaseTunerLayer):
             positions = self._positions(adapter_name).to(weight.device)
             old_lines = self._read_lines(weight, adapter_name, positions)
             delta = self._delta(adapter_name).detach()
-            new_lines = old_lines.to(delta.dtype) + delta
+            new_lines = old_lines.to(delta.dtype) + delta  # in the delta's dtype (fp32); written in the base's
             if safe_merge and not torch.isfinite(new_lines).all():
                 raise ValueError(
                     f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken"
@@ -282,8 +295,12 @@ class Linear(nn.Module, MFTCLayer):
         # live on the concrete class; on the mixin, nn.Module's method would come first in the MRO.
         for adapter_name in list(self.mftc_delta.keys()):
             ids = state_dict.get(f"{prefix}mftc_idx.{adapter_name}")
+            source = f"checkpoint {prefix}mftc_idx.{adapter_name}"
+            if ids is not None and ids.tolist() != sorted(set(ids.tolist())):
+                # The forward relies on sorted ids (only the last block can be narrow); every saved adapter has them.
+                raise ValueError(f"`{source}` must hold increasing block ids, got {ids.tolist()!r}")
             if ids is not None and ids.tolist() != self.block_ids(adapter_name):
-                self._resize_to_checkpoint(adapter_name, ids.tolist(), f"checkpoint {prefix}mftc_idx.{adapter_name}")
+                self._resize_to_checkpoint(adapter_name, ids.tolist(), source)
             scale = state_dict.get(f"{prefix}mftc_scale.{adapter_name}")
             if scale is not None and (adapter_name not in self.mftc_scale or
                                       self.mftc_scale[adapter_name].shape != scale.shape):
@@ -310,11 +327,10 @@ class Linear(nn.Module, MFTCLayer):
             ) from None
         old = self.mftc_delta[adapter_name]
         wanted = old.requires_grad if old.numel() else self._mftc_wants_grad.get(adapter_name, False)
-        self.update_layer(adapter_name, grid, ids)
+        self.update_layer(adapter_name, grid, ids)  # keeps the old delta's dtype
         self._mftc_wants_grad[adapter_name] = wanted  # update_layer re-activates; the intent stays what it was
         new = self.mftc_delta[adapter_name]
-        trainable = wanted and new.numel() > 0
-        self.mftc_delta[adapter_name] = nn.Parameter(new.to(old.dtype), requires_grad=trainable)
+        new.requires_grad_(wanted and new.numel() > 0)
 
     def __repr__(self) -> str:
         return "mftc." + super().__repr__()

@@ -24,6 +24,7 @@ from .probes import gradient_projections
 from .search import BlockTable
 from .signatures import SignatureCollector
 from .state import adapter_name_of, head_parameters, preserved_state
+from .training import deterministic_mode
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def _fit_head(run: WarmupRun, batches: list[dict]) -> None:
     for param in head:
         param.requires_grad_(True)
     optimizer = torch.optim.Adam(head, lr=run.config.head_warmup_lr)
-    run.peft_model.eval()
+    deterministic_mode(run.peft_model)
     with run.timed("head"):
         for step in range(run.config.head_warmup_steps):
             loss = run.loss(batches[step % len(batches)])
@@ -138,7 +139,7 @@ def _fit_head(run: WarmupRun, batches: list[dict]) -> None:
 
 def weight_gradients_only(peft_model, layers: dict, grids: dict) -> dict:
     """Make the adapted base weights the only tensors that require grad and put the model in eval mode (so the
-    measurement is deterministic); returns the `SignatureCollector` targets. The caller restores the model's state
+    measurement is deterministic; checkpointed layers still checkpoint, `deterministic_mode`); returns the `SignatureCollector` targets. The caller restores the model's state
     (`preserved_state`)."""
     for param in peft_model.parameters():
         param.requires_grad_(False)
@@ -147,7 +148,7 @@ def weight_gradients_only(peft_model, layers: dict, grids: dict) -> dict:
     }
     for weight, _, _ in targets.values():
         weight.requires_grad_(True)
-    peft_model.eval()
+    deterministic_mode(peft_model)
     return targets
 
 

@@ -38,6 +38,7 @@ from .training import (
     OPTIMIZERS,
     LossFn,
     TrainLog,
+    deterministic_mode,
     evaluate,
     train_steps,
 )
@@ -160,7 +161,7 @@ def measure_selection(
         for p in head + deltas:
             p.requires_grad_(True)
         groups = [g for g in ({"params": head, "lr": head_lr or lr}, {"params": deltas, "lr": lr}) if g["params"]]
-        peft_model.train(dropout)
+        peft_model.train() if dropout else deterministic_mode(peft_model)
         log = TrainLog((), 0, 0.0)
         if groups:
             log = train_steps(

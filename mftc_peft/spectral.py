@@ -120,5 +120,8 @@ def _build_groups(tuner, adapter_name: str, nodes: list[tuple[str, int]], affini
         within = affinity[np.ix_(rows, rows)].copy()
         np.fill_diagonal(within, 0.0)  # a block is not its own neighbour
         adjacency = normalized_adjacency(within)[0].toarray()  # isolated blocks get a zero row
-        groups.append(_Group(tuple(slot for _, slot in members), torch.as_tensor(adjacency, dtype=torch.float32)))
+        # On the deltas' device once, so that no training step copies it from the host (a blocking copy).
+        device = members[0][1].layer.mftc_delta[adapter_name].device
+        groups.append(_Group(tuple(slot for _, slot in members),
+                             torch.as_tensor(adjacency, dtype=torch.float32, device=device)))
     return groups

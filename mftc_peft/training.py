@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .checks import check_choice, check_int, check_number, check_positive_number, check_rng
 
@@ -162,6 +163,18 @@ def eval_mode(model: nn.Module):
             module.training = training
 
 
+def deterministic_mode(model: nn.Module) -> nn.Module:
+    """Eval mode (no dropout: a measurement is deterministic) that keeps activation checkpointing: transformers
+    checkpoints a layer only while that layer's own `training` flag is on, so the flag stays on for exactly those layers
+    with checkpointing enabled (their submodules, dropout included, stay in eval mode); otherwise the warm-up's
+    backward passes would hold every activation that training, checkpointed, does not. The caller restores the flags."""
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+            module.training = True
+    return model
+
+
 def evaluate(
     model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, compute_loss: LossFn | None = None
 ) -> tuple[float, float]:
@@ -296,12 +309,14 @@ def train_steps(
             opt.zero_grad(set_to_none=True)
             if scheduler is not None:
                 scheduler.step()
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())  # read once at the end: a float per step would wait for the GPU each step
             bar.update(1)
             if on_step is not None:
-                on_step(step, losses[-1])
+                on_step(step, float(losses[-1]))
     finally:
         bar.close()
         opt.zero_grad(set_to_none=True)
     _synchronize(device)
-    return TrainLog(tuple(losses), len(losses), time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    values = tuple(torch.stack(losses).tolist()) if losses else ()
+    return TrainLog(tuple(float(v) for v in values), len(losses), seconds)
