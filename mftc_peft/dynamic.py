@@ -4,7 +4,7 @@ The warm-up's selection is a guess from a few batches at the start; what the tas
 paper's time-varying module library B(t); SpIEL drops small updates and regrows by gradient, LISA re-samples
 layers). `reselect_blocks` measures the current per-block gradient energy of every block of the adapted weights on a
 few batches (the warm-up's own hooks), then per weight swaps up to `fraction` of its full-width selected blocks: the
-ones whose delta moved least (mean squared delta per element) out, the unselected ones with the largest gradient
+ones whose applied change moved least (mean squared delta per element, times its step scale) out, the unselected ones with the largest gradient
 energy per element in, only where the newcomer's energy beats the dropped block's. Swaps stay inside a weight and
 between blocks of the same width, so the delta keeps its shape and Parameter object: the trainable count never
 changes, every optimiser stays valid, and the adapter can be saved, loaded or merged at any step. The optimiser
@@ -105,7 +105,7 @@ def _pairs(layer, adapter_name: str, energy: np.ndarray, fraction: float) -> lis
     unselected = np.setdiff1d(np.flatnonzero(widths == grid.width), ids)
     if unselected.size == 0:
         return []
-    lines = layer.mftc_delta[adapter_name].detach()
+    lines = layer.applied_delta(adapter_name).detach()  # with its step scales: what the block really moved
     starts = dict(zip(ids, np.cumsum([0, *grid.widths(ids)])[:-1]))
     moved = {b: float(lines[starts[b] : starts[b] + grid.width].float().pow(2).mean()) for b in full}
     weakest = sorted(full, key=lambda b: (moved[b], b))[:n_swap]

@@ -173,7 +173,7 @@ class MFTCLayer(BaseTunerLayer):
             if adapter_name not in self.mftc_delta or self.mftc_delta[adapter_name].shape[0] == 0:
                 continue
             # Compute in the input's dtype (bf16 matmuls on a bf16 model); the fp32 delta still takes every small step.
-            delta = self._delta(adapter_name).to(x.dtype)
+            delta = self.applied_delta(adapter_name).to(x.dtype)
             positions = self._positions(adapter_name)
             if self.mftc_grid[adapter_name].axis == "out":
                 update = x @ delta.T  # (..., selected outputs)
@@ -183,7 +183,7 @@ class MFTCLayer(BaseTunerLayer):
                 result = result + update.to(result.dtype)
         return result
 
-    def _delta(self, adapter_name: str) -> torch.Tensor:
+    def applied_delta(self, adapter_name: str) -> torch.Tensor:
         """The lines the adapter adds to the weight: the trained delta, times its step scales if it has them."""
         delta = self.mftc_delta[adapter_name]
         if adapter_name not in self.mftc_scale:
@@ -209,7 +209,7 @@ class MFTCLayer(BaseTunerLayer):
                 continue
             positions = self._positions(adapter_name).to(weight.device)
             old_lines = self._read_lines(weight, adapter_name, positions)
-            delta = self._delta(adapter_name).detach()
+            delta = self.applied_delta(adapter_name).detach()
             new_lines = old_lines.to(delta.dtype) + delta  # in the delta's dtype (fp32); written in the base's
             if safe_merge and not torch.isfinite(new_lines).all():
                 raise ValueError(
@@ -235,7 +235,7 @@ class MFTCLayer(BaseTunerLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter's update as a dense tensor in the base weight's layout. For tests and diagnostics only."""
         weight = self.get_base_layer().weight
-        delta = self._delta(adapter_name)
+        delta = self.applied_delta(adapter_name)
         dense = torch.zeros(weight.shape, dtype=delta.dtype, device=delta.device)
         self._write_lines(dense, adapter_name, self._positions(adapter_name).to(delta.device), delta)
         return dense

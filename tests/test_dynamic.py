@@ -124,3 +124,27 @@ def test_trainer_reselects_every_k_steps_and_keeps_the_count(tmp_path, monkeypat
     calls.clear()
     make_trainer(tmp_path / "plain", max_steps=4).train()
     assert calls == []  # off by default
+
+
+def test_reselection_judges_a_block_by_the_change_it_applied_not_its_raw_delta(monkeypatch):
+    """Under step scales a block's raw delta is not what it moved: block 0 below holds the largest raw delta but,
+    scaled by 0.01, changed the weight least, so it is the one dropped."""
+    measured = mftc_peft.dynamic._energy_per_element
+
+    def energies(*args):
+        energy = measured(*args)
+        energy[QUERY][3] = 10 * energy[QUERY].max()
+        return energy
+
+    monkeypatch.setattr(mftc_peft.dynamic, "_energy_per_element", energies)
+    case = CASES_BY_NAME["bert"]
+    config = MFTCConfig(**case.config_kwargs, step_scale="energy", reselect_every=1)
+    model = get_peft_model(case.model(), config)
+    model.base_model.set_block_selection({QUERY: [0, 1, 2]}, step_scales={QUERY: [0.01, 1.0, 1.0]})
+    layer = _layer(model, QUERY)
+    width = layer.mftc_grid["default"].width
+    with torch.no_grad():
+        delta = layer.mftc_delta["default"]
+        delta[:width], delta[width:] = 1.0, 0.1  # raw: block 0 largest; applied: block 0 = 0.01, blocks 1-2 = 0.1
+    report = mftc_peft.reselect_blocks(model, token_batches(2), fraction=0.4)
+    assert report.swaps[QUERY] == [(0, 3)]
