@@ -24,7 +24,7 @@ from .data import DEFAULT_SIZES, DataError, file_data, packaged_data
 from .methods import DEFAULT_LR, METHODS
 from .output import (ADAPTER, MANIFEST, METRICS, PLOTS, REPORT, OutputError, check_output_dir, clear_outputs,
                          format_metrics, load_run, write_json)
-from .run import ModelError
+from .model_folder import ModelError, check_model_dir
 
 logger = logging.getLogger(__name__)
 USAGE_ERROR = 2  # argparse's exit status for bad command-line input
@@ -124,20 +124,22 @@ def _manifest_args(args) -> dict:
 
 def run_finetune(args) -> int:
     from .. import assets
-    from .run import RunSettings, check_model_dir, finetune
 
     _check_finetune_args(args)
     args.lr = args.lr or DEFAULT_LR[args.method]
     args.output_dir = args.output_dir or Path("runs") / f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_output_dir(args.output_dir, _manifest_args(args), overwrite=args.overwrite)
-    model_dir = args.model if args.model is not None else assets.minilm_dir()
-    check_model_dir(model_dir)
     if args.train_file is None:
         data = packaged_data(args.seed)
     else:
         data = file_data(args.train_file, args.eval_file, text_column=args.text_column,
                          label_column=args.label_column, seed=args.seed)
     data = data.capped(args.max_train_samples, args.max_eval_samples)
+    model_dir = args.model if args.model is not None else assets.minilm_dir()
+    check_model_dir(model_dir)
+    # torch, transformers and PEFT (seconds to import) only once the arguments and files are known to be good.
+    from .run import RunSettings, finetune, plan_line
+
     settings = RunSettings(
         model_dir=Path(model_dir), method=args.method, lr=args.lr, epochs=args.epochs, seed=args.seed,
         batch_size=args.batch_size, max_length=args.max_length, budget=args.budget, warmup_steps=args.warmup_steps,
@@ -145,7 +147,9 @@ def run_finetune(args) -> int:
     )
     print(f"mftc-peft finetune: {args.method} on {data.source} ({len(data.train):,} train / {len(data.test):,} test, "
           f"{data.num_labels} labels), model {model_dir}", flush=True)
-    result = finetune(data, settings)
+    print(plan_line(settings, len(data.train)), flush=True)
+    with _quiet_transformers():
+        result = finetune(data, settings)
     _write_run(args, data, model_dir, result)
     print(format_metrics(result.metrics))
     print(f"wrote {args.output_dir}")
@@ -224,21 +228,34 @@ COMMANDS = {"finetune": run_finetune, "report": run_report, "bench": run_bench}
 
 @contextlib.contextmanager
 def _cli_logging():
-    """Library INFO messages (e.g. the warm-up summary) on stderr, transformers' load warnings hushed; restored."""
-    import transformers
+    """Library INFO messages (e.g. the warm-up summary) on stderr, written through tqdm so that a log line never
+    lands on the line of a progress bar; restored afterwards."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     package = logging.getLogger("mftc_peft")
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    level, verbosity = package.level, transformers.logging.get_verbosity()
+    level = package.level
     package.addHandler(handler)
     package.setLevel(logging.INFO)
+    try:
+        with logging_redirect_tqdm(loggers=[package]):
+            yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' load report (the new head's weights listed as MISSING: expected for a new task) hushed."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
         yield
     finally:
-        package.removeHandler(handler)
-        package.setLevel(level)
         transformers.logging.set_verbosity(verbosity)
 
 
