@@ -105,6 +105,8 @@ def test_log_lines_never_share_a_line_with_a_progress_bar(tmp_path, capsys, monk
     assert any("train (lora)" in piece for piece in pieces), "no progress bar was drawn"
     for piece in logged:
         assert piece.startswith("INFO mftc_peft"), f"a log line shares a line with a bar: {piece!r}"
+    # Item 8: transformers' load report (the new head MISSING) and PEFT's deprecated-property warning are not shown.
+    assert "MISSING" not in err and "is_gradient_checkpointing" not in err, err
 
 
 # -------------------------------------------------------------------------------- item 5: validation from a file
@@ -133,6 +135,31 @@ def test_a_train_file_run_records_validation_per_epoch(tmp_path, capsys, monkeyp
                              for i in range(40)))
     code = app.main(["finetune", "--method", "lora", "--train-file", str(train), "--batch-size", "8",
                      "--max-length", "16", "--epochs", "2", "--no-progress", "--output-dir", str(tmp_path / "r")])
-    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "Loading weights" not in err, "--no-progress shows no bar, transformers' neither"
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert [record["epoch"] for record in metrics["validation"]] == [1, 2]
+
+
+# ------------------------------------------------------------------------------- item 4: the quick look learns
+def readme_quick_look() -> list[str]:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    line = next(line for line in readme.splitlines() if line.endswith("# a quick look"))
+    argv = line.split("#")[0].split()
+    assert argv[:2] == ["mftc-peft", "finetune"] and "--seed" not in argv  # the documented seed is the default, 0
+    return argv[2:]
+
+
+@pytest.mark.slow  # about 2.5 minutes on 2 busy cores
+def test_the_readme_quick_look_ends_above_the_majority_share(tmp_path, monkeypatch):
+    from mftc_peft.cli.data import packaged_data
+
+    monkeypatch.chdir(tmp_path)
+    argv = readme_quick_look()
+    assert app.main(["finetune", *argv, "--no-progress", "--output-dir", str(tmp_path / "r")]) == 0
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    test_labels = packaged_data(0).test.labels[: metrics["test_examples"]]
+    majority = max(test_labels.count(0), test_labels.count(1)) / len(test_labels)
+    assert metrics["test_examples"] == 256 and majority == pytest.approx(0.586, abs=1e-3)
+    assert metrics["test_accuracy"] >= majority + 0.05, metrics  # 0.727 measured

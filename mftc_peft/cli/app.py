@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .data import DEFAULT_SIZES, DataError, file_data, packaged_data
@@ -148,7 +149,7 @@ def run_finetune(args) -> int:
     print(f"mftc-peft finetune: {args.method} on {data.source} ({len(data.train):,} train / {len(data.test):,} test, "
           f"{data.num_labels} labels), model {model_dir}", flush=True)
     print(plan_line(settings, len(data.train)), flush=True)
-    with _quiet_transformers():
+    with _quiet_transformers(args.progress):
         result = finetune(data, settings)
     _write_run(args, data, model_dir, result)
     print(format_metrics(result.metrics))
@@ -228,35 +229,47 @@ COMMANDS = {"finetune": run_finetune, "report": run_report, "bench": run_bench}
 
 @contextlib.contextmanager
 def _cli_logging():
-    """Library INFO messages (e.g. the warm-up summary) on stderr, written through tqdm so that a log line never
-    lands on the line of a progress bar; restored afterwards."""
+    """Library INFO messages (e.g. the warm-up summary) and Python warnings on stderr, written through tqdm so that
+    they never land on the line of a progress bar; restored afterwards."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    package = logging.getLogger("mftc_peft")
+    loggers = [logging.getLogger("mftc_peft"), logging.getLogger("py.warnings")]
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    level = package.level
-    package.addHandler(handler)
-    package.setLevel(logging.INFO)
+    levels = [logger_.level for logger_ in loggers]
+    for logger_ in loggers:
+        logger_.addHandler(handler)
+    loggers[0].setLevel(logging.INFO)
+    logging.captureWarnings(True)
     try:
-        with logging_redirect_tqdm(loggers=[package]):
+        with logging_redirect_tqdm(loggers=loggers):
             yield
     finally:
-        package.removeHandler(handler)
-        package.setLevel(level)
+        logging.captureWarnings(False)
+        for logger_, level in zip(loggers, levels):
+            logger_.removeHandler(handler)
+            logger_.setLevel(level)
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
-    """transformers' load report (the new head's weights listed as MISSING: expected for a new task) hushed."""
-    import transformers
+def _quiet_transformers(progress: bool):
+    """transformers' load report hushed (it lists the new head's weights as MISSING: expected for a new task), its
+    loading bar shown only with progress bars, and PEFT's use of a property transformers deprecated not reported
+    (the user can do nothing about it)."""
+    from transformers.utils import logging as hf_logging
 
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.* is deprecated", FutureWarning)
+            yield
     finally:
-        transformers.logging.set_verbosity(verbosity)
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def main(argv=None) -> int:
