@@ -240,12 +240,14 @@ def _cli_logging():
     for logger_ in loggers:
         logger_.addHandler(handler)
     loggers[0].setLevel(logging.INFO)
-    logging.captureWarnings(True)
     try:
-        with logging_redirect_tqdm(loggers=loggers):
-            yield
+        with warnings.catch_warnings(), logging_redirect_tqdm(loggers=loggers):  # restores `warnings.showwarning`
+            logging.captureWarnings(True)
+            try:
+                yield
+            finally:
+                logging.captureWarnings(False)
     finally:
-        logging.captureWarnings(False)
         for logger_, level in zip(loggers, levels):
             logger_.removeHandler(handler)
             logger_.setLevel(level)

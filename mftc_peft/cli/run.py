@@ -59,8 +59,10 @@ def plan_line(settings: RunSettings, n_train: int) -> str:
 
         n_warmup = settings.warmup_steps or MFTCConfig.__dataclass_fields__["warmup_steps"].default
         warmup = f"warm-up {n_warmup} batches, then "
-    return (f"plan: {warmup}{settings.epochs * steps_per_epoch} training steps ({settings.epochs} epochs x "
-            f"{steps_per_epoch} batches of {settings.batch_size}); an ETA follows after {ETA_AFTER_STEPS} steps")
+    total = settings.epochs * steps_per_epoch
+    eta = f"; an ETA follows after {ETA_AFTER_STEPS} steps" if total > ETA_AFTER_STEPS else ""
+    return (f"plan: {warmup}{total} training steps ({settings.epochs} epochs x {steps_per_epoch} batches of "
+            f"{settings.batch_size}){eta}")
 
 
 def eta_line(steps_done: int, total_steps: int, seconds: float) -> str:
@@ -127,7 +129,7 @@ def _train(adapter: Adapter, train, validation, settings: RunSettings, steps_per
         epoch = step // steps_per_epoch + 1
         bar.update(1)
         bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
-        if step + 1 == min(ETA_AFTER_STEPS, total) and total > step + 1:
+        if step + 1 == ETA_AFTER_STEPS < total:
             logger.info(eta_line(step + 1, total, time.perf_counter() - started))
         if validation is not None and (step + 1) % steps_per_epoch == 0:
             tic = time.perf_counter()
