@@ -242,13 +242,21 @@ class DynamicSpectralClustering(BaseEstimator):
             decay=self.ema_decay, top_p=self.top_p,
         )
         n_components, _ = connected_components(affinity, directed=False)
-        if n_components > 1:
+        # A few components are harmless: each takes one zero eigenvalue and the embedding's other directions still
+        # split them into modules. Once they use up the embedding (or outnumber the modules), the modules follow
+        # the graph's connectivity instead of gradient similarity: that is worth a warning and an action.
+        if n_components >= min(self.n_clusters, self.embed_dim):
             warnings.warn(
-                f"the DSCA graph is not connected ({n_components} components over {m} nodes): the spectral "
-                "embedding separates components before modules; raise `n_neighbors` or check for degenerate signatures",
+                f"the DSCA graph is not connected ({n_components} components over {m} nodes, n_clusters="
+                f"{self.n_clusters}, embed_dim={self.embed_dim}): the modules follow the components, not gradient "
+                f"similarity; raise `n_neighbors` above the {self.n_neighbors_} used here, or check for blocks "
+                "whose signatures are degenerate",
                 RuntimeWarning,
                 stacklevel=4,
             )
+        elif n_components > 1:
+            logger.info("the DSCA graph has %d components over %d nodes: modules do not cross them (harmless while "
+                        "fewer than n_clusters=%d)", n_components, m, self.n_clusters)
         return affinity
 
     def _record(self, X, reset, previous_labels, previous_vectors):

@@ -1,6 +1,9 @@
 """DSCA on planted structure: recovery (exact and pynndescent paths), tracking, eigensolver oracle, determinism, errors."""
 
 
+import logging
+import warnings
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -118,13 +121,19 @@ def test_module_library_records_sizes_energy_and_stability():
     assert est.stability_ >= 0.9
 
 
-def test_warnings_for_disconnected_graph_and_zero_rows():
+def test_warnings_for_disconnected_graph_and_zero_rows(caplog):
     rng = np.random.default_rng(0)
     signatures = np.zeros((200, 8))
     signatures[:100, :4] = rng.random((100, 4)) + 0.5  # two groups in orthogonal (non-negative) subspaces:
     signatures[100:, 4:] = rng.random((100, 4)) + 0.5  # cosine 0 between them, so no edge crosses
-    with pytest.warns(RuntimeWarning, match="not connected \\(2 components over 200 nodes\\)"):
+    expected = "not connected \\(2 components over 200 nodes, .*raise `n_neighbors` above"
+    with pytest.warns(RuntimeWarning, match=expected):
         DynamicSpectralClustering(n_clusters=2, embed_dim=2, random_state=0).update(signatures)
+    with warnings.catch_warnings():  # a few components next to the modules asked for: logged, not warned
+        warnings.simplefilter("error", RuntimeWarning)
+        with caplog.at_level(logging.INFO, logger="mftc_peft.dsca"):
+            DynamicSpectralClustering(n_clusters=4, embed_dim=4, random_state=0).update(signatures)
+    assert "the DSCA graph has 2 components over 200 nodes" in caplog.text
     signatures[5] = 0.0
     with pytest.warns(RuntimeWarning, match="1 of 200 rows of `signatures` are all zero"):
         DynamicSpectralClustering(n_clusters=2, embed_dim=2, random_state=0).update(signatures)

@@ -49,6 +49,11 @@ def quickstart() -> str:
     return re.search(r"```python\n(.*?)```", text, re.S).group(1)
 
 
+def trainer_snippet() -> str:
+    text = readme().split("## With the `Trainer`", 1)[1]
+    return re.search(r"```python\n(.*?)```", text, re.S).group(1)
+
+
 def test_python_quickstart_runs(tmp_path, monkeypatch):
     code = quickstart()
     assert SIZES in code, "the quick start's size line changed: update SIZES here"
@@ -80,3 +85,16 @@ def test_package_map_lists_exactly_the_package_files():
     on_disk = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "mftc_peft").rglob("*.py"))
     assert len(listed) == len(set(listed)), "a file is listed twice"
     assert sorted(listed) == on_disk
+
+
+def test_trainer_snippet_runs_after_the_quick_start(tmp_path, monkeypatch):
+    snippet = trainer_snippet()
+    assert snippet.startswith("# continues the quick start"), "the snippet must say where its names come from"
+    script = tmp_path / "trainer.py"
+    script.write_text(quickstart().replace(SIZES, SMALL_SIZES) + snippet)
+    monkeypatch.chdir(tmp_path)
+    with torch.random.fork_rng(devices=[]):
+        namespace = runpy.run_path(str(script))
+    trainer = namespace["trainer"]
+    assert trainer.warmup_report is not None and trainer.warmup_report.trainable_elements > 0
+    assert trainer.state.global_step == 4  # 32 examples in batches of 8, one epoch

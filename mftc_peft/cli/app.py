@@ -18,13 +18,14 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .data import DEFAULT_SIZES, DataError, file_data, packaged_data
 from .methods import DEFAULT_LR, METHODS
 from .output import (ADAPTER, MANIFEST, METRICS, PLOTS, REPORT, OutputError, check_output_dir, clear_outputs,
                          format_metrics, load_run, write_json)
-from .run import ModelError
+from .model_folder import ModelError, check_model_dir
 
 logger = logging.getLogger(__name__)
 USAGE_ERROR = 2  # argparse's exit status for bad command-line input
@@ -124,20 +125,22 @@ def _manifest_args(args) -> dict:
 
 def run_finetune(args) -> int:
     from .. import assets
-    from .run import RunSettings, check_model_dir, finetune
 
     _check_finetune_args(args)
     args.lr = args.lr or DEFAULT_LR[args.method]
     args.output_dir = args.output_dir or Path("runs") / f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_output_dir(args.output_dir, _manifest_args(args), overwrite=args.overwrite)
-    model_dir = args.model if args.model is not None else assets.minilm_dir()
-    check_model_dir(model_dir)
     if args.train_file is None:
         data = packaged_data(args.seed)
     else:
         data = file_data(args.train_file, args.eval_file, text_column=args.text_column,
                          label_column=args.label_column, seed=args.seed)
     data = data.capped(args.max_train_samples, args.max_eval_samples)
+    model_dir = args.model if args.model is not None else assets.minilm_dir()
+    check_model_dir(model_dir)
+    # torch, transformers and PEFT (seconds to import) only once the arguments and files are known to be good.
+    from .run import RunSettings, finetune, plan_line
+
     settings = RunSettings(
         model_dir=Path(model_dir), method=args.method, lr=args.lr, epochs=args.epochs, seed=args.seed,
         batch_size=args.batch_size, max_length=args.max_length, budget=args.budget, warmup_steps=args.warmup_steps,
@@ -145,7 +148,9 @@ def run_finetune(args) -> int:
     )
     print(f"mftc-peft finetune: {args.method} on {data.source} ({len(data.train):,} train / {len(data.test):,} test, "
           f"{data.num_labels} labels), model {model_dir}", flush=True)
-    result = finetune(data, settings)
+    print(plan_line(settings, len(data.train)), flush=True)
+    with _quiet_transformers(args.progress):
+        result = finetune(data, settings)
     _write_run(args, data, model_dir, result)
     print(format_metrics(result.metrics))
     print(f"wrote {args.output_dir}")
@@ -224,22 +229,49 @@ COMMANDS = {"finetune": run_finetune, "report": run_report, "bench": run_bench}
 
 @contextlib.contextmanager
 def _cli_logging():
-    """Library INFO messages (e.g. the warm-up summary) on stderr, transformers' load warnings hushed; restored."""
-    import transformers
+    """Library INFO messages (e.g. the warm-up summary) and Python warnings on stderr, written through tqdm so that
+    they never land on the line of a progress bar; restored afterwards."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    package = logging.getLogger("mftc_peft")
+    loggers = [logging.getLogger("mftc_peft"), logging.getLogger("py.warnings")]
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    level, verbosity = package.level, transformers.logging.get_verbosity()
-    package.addHandler(handler)
-    package.setLevel(logging.INFO)
-    transformers.logging.set_verbosity_error()
+    levels = [logger_.level for logger_ in loggers]
+    for logger_ in loggers:
+        logger_.addHandler(handler)
+    loggers[0].setLevel(logging.INFO)
     try:
-        yield
+        with warnings.catch_warnings(), logging_redirect_tqdm(loggers=loggers):  # restores `warnings.showwarning`
+            logging.captureWarnings(True)
+            try:
+                yield
+            finally:
+                logging.captureWarnings(False)
     finally:
-        package.removeHandler(handler)
-        package.setLevel(level)
-        transformers.logging.set_verbosity(verbosity)
+        for logger_, level in zip(loggers, levels):
+            logger_.removeHandler(handler)
+            logger_.setLevel(level)
+
+
+@contextlib.contextmanager
+def _quiet_transformers(progress: bool):
+    """transformers' load report hushed (it lists the new head's weights as MISSING: expected for a new task), its
+    loading bar shown only with progress bars, and PEFT's use of a property transformers deprecated not reported
+    (the user can do nothing about it)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.* is deprecated", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def main(argv=None) -> int:

@@ -2,19 +2,14 @@
 
 Every method targets the same weights (MFTC's architecture defaults: all attention and FFN projections, else every
 linear layer), LoRA-family methods at rank 8, so that MFTC's default budget (3% of the target weights) is close to
-LoRA r=8's trainable count on BERT-family encoders.
+LoRA r=8's trainable count on BERT-family encoders. PEFT and the package's tuner are imported only when an adapter is
+built, so that the command line's argument checks (which read `METHODS` and `DEFAULT_LR`) stay light.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
-
-from peft import AdaLoraConfig, LoraConfig, get_peft_model
-
-from ..config import MFTCConfig
-from ..model import DEFAULT_TARGET_MODULES
-from ..training import TrainHooks
 
 METHODS = ("mftc", "lora", "adalora", "pissa")
 # Defaults from the benchmark protocol's reference runs on MiniLM + Rotten Tomatoes, not tuned per dataset.
@@ -26,11 +21,13 @@ ADALORA_INIT_R = 12  # AdaLoRA starts 1.5x wider than its final rank (LoRA's 8) 
 @dataclass
 class Adapter:
     model: object  # the PeftModel
-    # What the method needs inside the training loop: AdaLoRA's rank allocation after each optimiser step.
-    hooks: TrainHooks = field(default_factory=TrainHooks)
+    # What the method needs inside the training loop (a `TrainHooks`, None: nothing): AdaLoRA's rank allocation.
+    hooks: object = None
 
 
 def lora_targets(model):
+    from ..model import DEFAULT_TARGET_MODULES
+
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     return DEFAULT_TARGET_MODULES.get(model_type, "all-linear")
 
@@ -38,6 +35,11 @@ def lora_targets(model):
 def build_adapter(model, method: str, *, task_type: str, total_steps: int, seed: int, budget=None,
                   warmup_steps: Optional[int] = None) -> Adapter:
     """Wrap `model` in the adapter of `method`; MFTC's blocks are chosen later by `mftc_peft.warmup`."""
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+
+    from ..config import MFTCConfig
+    from ..training import TrainHooks
+
     if method == "mftc":
         extra = {k: v for k, v in (("budget", budget), ("warmup_steps", warmup_steps)) if v is not None}
         return Adapter(get_peft_model(model, MFTCConfig(task_type=task_type, seed=seed, **extra)))

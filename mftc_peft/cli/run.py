@@ -20,12 +20,9 @@ from tqdm.auto import tqdm
 from ..training import encode_texts, evaluate, iterate_batches, make_batches, n_examples, train_steps
 from .data import TaskData
 from .methods import Adapter, build_adapter, count_parameters
+from .model_folder import load_model
 
 logger = logging.getLogger(__name__)
-
-
-class ModelError(ValueError):
-    """`--model` does not name a usable transformers folder (one-line message)."""
 
 
 @dataclass(frozen=True)
@@ -50,41 +47,30 @@ class RunResult:
     history: list = field(default_factory=list)
 
 
-def check_model_dir(model_dir: Path) -> None:
-    """Fail fast, before any data is tokenised, when `model_dir` is not a transformers model folder."""
-    from transformers import AutoConfig
-
-    if not model_dir.is_dir():
-        raise ModelError(f"--model {model_dir}: no such folder")
-    if not (model_dir / "config.json").is_file():
-        raise ModelError(f"--model {model_dir}: not a transformers model folder (no config.json)")
-    try:
-        AutoConfig.from_pretrained(model_dir)
-    except Exception as error:  # transformers raises many types here; the user needs only the reason
-        raise ModelError(f"--model {model_dir}: not a transformers model folder ({_first_line(error)})") from None
+ETA_AFTER_STEPS = 3  # training steps timed before the ETA is logged (the first one also pays for set-up)
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
+def plan_line(settings: RunSettings, n_train: int) -> str:
+    """What the run will do, printed before the model is loaded: the step counts a user can time by."""
+    steps_per_epoch = math.ceil(n_train / settings.batch_size)
+    warmup = ""
+    if settings.method == "mftc":
+        from ..config import MFTCConfig
+
+        n_warmup = settings.warmup_steps or MFTCConfig.__dataclass_fields__["warmup_steps"].default
+        warmup = f"warm-up {n_warmup} batches, then "
+    total = settings.epochs * steps_per_epoch
+    eta = f"; an ETA follows after {ETA_AFTER_STEPS} steps" if total > ETA_AFTER_STEPS else ""
+    return (f"plan: {warmup}{total} training steps ({settings.epochs} epochs x {steps_per_epoch} batches of "
+            f"{settings.batch_size}){eta}")
 
 
-def load_model(model_dir: Path, num_labels: int):
-    """(model, tokenizer); a tokenizer without a pad token pads with its end-of-sequence token."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, num_labels=num_labels, ignore_mismatched_sizes=True
-        )
-    except Exception as error:  # as above: missing weights, unknown architecture, no tokenizer files
-        raise ModelError(f"--model {model_dir}: cannot load a sequence classifier ({_first_line(error)})") from None
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+def eta_line(steps_done: int, total_steps: int, seconds: float) -> str:
+    """The time left for training at the pace of the steps so far (validation and test evaluation come on top)."""
+    per_step = seconds / steps_done
+    left = per_step * (total_steps - steps_done)
+    return (f"{per_step:.1f} s a step: training ends in about {left / 60:.1f} min "
+            f"({total_steps - steps_done} of {total_steps} steps left)")
 
 
 def finetune(data: TaskData, settings: RunSettings) -> RunResult:
@@ -136,12 +122,15 @@ def _train(adapter: Adapter, train, validation, settings: RunSettings, steps_per
     total = settings.epochs * steps_per_epoch
     history, validation_seconds = [], 0.0
     bar = tqdm(total=total, desc=f"train ({settings.method})", disable=not settings.progress)
+    started = time.perf_counter()
 
     def on_step(step: int, loss: float) -> None:
         nonlocal validation_seconds
         epoch = step // steps_per_epoch + 1
         bar.update(1)
         bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
+        if step + 1 == ETA_AFTER_STEPS < total:
+            logger.info(eta_line(step + 1, total, time.perf_counter() - started))
         if validation is not None and (step + 1) % steps_per_epoch == 0:
             tic = time.perf_counter()
             val_loss, val_accuracy = evaluate(model, make_batches(validation, settings.batch_size))
