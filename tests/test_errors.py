@@ -82,7 +82,7 @@ def test_head_warmup_fields(field, value, rule):
 
 
 def test_seed_must_be_int():
-    with pytest.raises(ValueError, match=r"`seed` must be an integer, got '1'"):
+    with pytest.raises(ValueError, match=r"`seed` must be a non-negative integer, got '1'"):
         MFTCConfig(seed="1")
 
 
