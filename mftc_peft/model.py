@@ -96,8 +96,10 @@ class MFTCModel(BaseTuner):
             options["step_scales"] = [1.0] * len(block_ids)
         if isinstance(target, MFTCLayer):
             target.update_layer(adapter_name, grid, block_ids, **options)
+            target.record_selection_listed(adapter_name, bool(config.block_selection))
             return
         new_module = Linear(target, adapter_name, grid, block_ids, **options)
+        new_module.record_selection_listed(adapter_name, bool(config.block_selection))
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until it is set active
         self._replace_module(parent, target_name, new_module, target)
@@ -190,6 +192,8 @@ class MFTCModel(BaseTuner):
                 step_scales=_scales_for(config, scales, name, checked.get(name, [])),
             )
         config.block_selection = {name: sorted(ids) for name, ids in checked.items() if ids}
+        for layer in layers.values():
+            layer.record_selection_listed(adapter_name, bool(config.block_selection))
 
     def selected_numel(self, adapter_name: str | None = None) -> int:
         adapter_name = adapter_name or self.active_adapters[0]

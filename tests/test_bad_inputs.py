@@ -6,9 +6,15 @@ command line (6, 14, 15, 16). `test_count_of_bad_inputs` keeps the number the is
 """
 
 import copy
+import json
+import warnings
 
 import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from tiny_models import CASES_BY_NAME
+from transformers import BertConfig, BertForSequenceClassification
 
 import mftc_peft  # noqa: F401
 from mftc_peft import MFTCConfig
@@ -49,3 +55,106 @@ def test_config_rejects(kwargs, match):
 def test_unsorted_block_ids_are_sorted_in_the_config():
     """Item 1: `[3, 1]` was accepted and reported unsorted while the layer trains blocks [1, 3]."""
     assert MFTCConfig(block_selection={"query": [3, 1]}).block_selection == {"query": [1, 3]}
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+QUERY = "layer.0.attention.self.query"
+QUERY_KEY = f"base_model.model.bert.encoder.{QUERY}"
+
+
+def _save_bert(tmp_path, **overrides):
+    case = CASES_BY_NAME["bert"]
+    kwargs = {**copy.deepcopy(case.config_kwargs), "init_weights": False, **overrides}
+    get_peft_model(case.model(), MFTCConfig(**kwargs)).save_pretrained(tmp_path)
+    return case
+
+
+def _edit_config(tmp_path, edit):
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+
+
+def _edit_tensors(tmp_path, edit):
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+
+
+def _set_query_ids(config, ids):
+    config["block_selection"][QUERY] = ids
+
+
+def _replace(name, value):
+    return lambda tensors: tensors.__setitem__(f"{QUERY_KEY}.{name}", value)
+
+
+def _no_selection(config):
+    config["block_selection"] = {}
+
+
+CHECKPOINT_CASES = [
+    # item 1: config and checkpoint disagree
+    ("config ids edited", lambda c: _set_query_ids(c, [0, 2]), None,
+     r"mftc_idx.default holds block ids \[1, 3\], but the adapter's config selects \[0, 2\] for "
+     rf"{QUERY_KEY}"),
+    ("checkpoint ids rewritten", None, _replace("mftc_idx", torch.tensor([0, 2], dtype=torch.int32)),
+     r"holds block ids \[0, 2\], but the adapter's config selects \[1, 3\]"),
+    ("checkpoint ids unsorted", _no_selection, _replace("mftc_idx", torch.tensor([3, 1], dtype=torch.int32)),
+     r"mftc_idx.default block ids must be sorted ascending, got \[3, 1\]"),
+    ("unlisted module has ids", lambda c: c["block_selection"].pop(QUERY), None,
+     r"holds block ids \[1, 3\], but the adapter's config selects \[\] for"),
+    # item 12: malformed tensors
+    ("1-D delta", _no_selection, _replace("mftc_delta", torch.zeros(32)),
+     r"mftc_delta.default must have shape \(32, 64\) for block ids \[1, 3\] of .*got \(32,\)"),
+    ("delta rows", _no_selection, _replace("mftc_delta", torch.zeros(16, 64)),
+     r"mftc_delta.default must have shape \(32, 64\) .*got \(16, 64\)"),
+    ("2-D id buffer", _no_selection, _replace("mftc_idx", torch.tensor([[1], [3]], dtype=torch.int32)),
+     r"mftc_idx.default must be a 1-D integer tensor of block ids, got shape \(2, 1\) of torch.int32"),
+    ("float ids", _no_selection, _replace("mftc_idx", torch.tensor([1.0, 3.0])),
+     r"must be a 1-D integer tensor of block ids, got shape \(2,\) of torch.float32"),
+    ("geometry", None, _replace("mftc_geometry", torch.tensor([64, 64, 8, 1], dtype=torch.int32)),
+     r"saved for a 64 x 64 weight cut into blocks of 8 along 'out', but .*query is a 64 x 64 weight cut into "
+     r"blocks of 16 along 'out'"),
+]
+
+
+@pytest.mark.parametrize("name, edit_config, edit_tensors, match", CHECKPOINT_CASES,
+                         ids=[row[0] for row in CHECKPOINT_CASES])
+def test_checkpoint_rejects(tmp_path, name, edit_config, edit_tensors, match):
+    case = _save_bert(tmp_path)
+    if edit_config:
+        _edit_config(tmp_path, edit_config)
+    if edit_tensors:
+        _edit_tensors(tmp_path, edit_tensors)
+    with pytest.raises(ValueError, match=match):
+        PeftModel.from_pretrained(case.model(), tmp_path)
+
+
+def _bert(intermediate_size):
+    config = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=intermediate_size, max_position_embeddings=32, num_labels=3)
+    torch.manual_seed(0)
+    return BertForSequenceClassification(config)
+
+
+def test_other_base_model_is_refused(tmp_path):
+    """Item 2: every saved tensor fits both bases (the ids lie in range, lines have the hidden size's length)."""
+    selection = {"layer.0.intermediate.dense": [1], "layer.0.output.dense": [0]}
+    get_peft_model(_bert(64), MFTCConfig(task_type="SEQ_CLS", block_selection=selection)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"intermediate.dense.mftc_geometry.default was saved for a 64 x 64 weight "
+                                         r"cut into blocks of 32 along 'out', but .*layer.0.intermediate.dense is a "
+                                         r"96 x 64 weight .*base model whose shapes differ"):
+        PeftModel.from_pretrained(_bert(96), tmp_path)
+
+
+def test_checkpoint_without_geometry_still_loads(tmp_path):
+    """Adapters saved before the geometry buffer existed load as before, without a missing-key warning."""
+    case = _save_bert(tmp_path)
+    _edit_tensors(tmp_path, lambda t: [t.pop(k) for k in list(t) if "mftc_geometry" in k])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        loaded = PeftModel.from_pretrained(case.model(), tmp_path)
+    assert loaded.base_model.block_selection()[f"bert.encoder.{QUERY}"] == [1, 3]
