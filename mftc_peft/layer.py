@@ -199,20 +199,38 @@ class MFTCLayer(BaseTunerLayer):
     def _write_lines(self, weight: torch.Tensor, adapter_name: str, positions: torch.Tensor, lines) -> None:
         self._lines(weight, adapter_name)[positions] = lines.to(weight.dtype)  # a view: writes into `weight`
 
+    def first_nonfinite_merge(self, adapter_names: Optional[list[str]] = None) -> Optional[str]:
+        """The first adapter whose merge would make this weight non-finite (None: all fine), found on a copy of the
+        weight, in merge order, so that `safe_merge` can refuse before anything is written."""
+        names = self.active_adapters if adapter_names is None else adapter_names
+        names = [n for n in names if n in self.mftc_delta and n not in self.merged_adapters]
+        if not names:
+            return None
+        weight = self.get_base_layer().weight.data.clone()
+        for adapter_name in names:
+            positions = self._positions(adapter_name).to(weight.device)
+            new_lines = self._merged_lines(weight, adapter_name, positions)
+            if not torch.isfinite(new_lines).all():
+                return adapter_name
+            self._write_lines(weight, adapter_name, positions, new_lines)
+        return None
+
+    def _merged_lines(self, weight: torch.Tensor, adapter_name: str, positions: torch.Tensor) -> torch.Tensor:
+        delta = self._delta(adapter_name).detach()
+        return self._read_lines(weight, adapter_name, positions).to(delta.dtype) + delta
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
+        broken = self.first_nonfinite_merge(adapter_names) if safe_merge else None
+        if broken is not None:  # checked for every adapter first: a refused merge writes nothing
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {broken} seems to be broken")
         weight = self.get_base_layer().weight.data
         for adapter_name in adapter_names:
             if adapter_name not in self.mftc_delta:
                 continue
             positions = self._positions(adapter_name).to(weight.device)
             old_lines = self._read_lines(weight, adapter_name, positions)
-            delta = self._delta(adapter_name).detach()
-            new_lines = old_lines.to(delta.dtype) + delta
-            if safe_merge and not torch.isfinite(new_lines).all():
-                raise ValueError(
-                    f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken"
-                )
+            new_lines = self._merged_lines(weight, adapter_name, positions)
             self._mftc_replaced[adapter_name] = old_lines.clone()
             self._write_lines(weight, adapter_name, positions, new_lines)
             self.merged_adapters.append(adapter_name)

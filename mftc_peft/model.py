@@ -7,7 +7,7 @@ hooks of save/load) is PEFT's own and inherited unchanged.
 from __future__ import annotations
 
 import re
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
 from peft.utils.other import get_pattern_key
@@ -136,6 +136,30 @@ class MFTCModel(BaseTuner):
                 )
             for name in matched:
                 targets[name].check_ids(ids, name=f"block_selection[{key!r}] for {name}")
+
+    # ----- merge ----------------------------------------------------------------------------------------------
+    # PEFT merges layer by layer, so a non-finite weight found in a later layer would leave the earlier ones merged:
+    # with `safe_merge`, every layer is checked before the first is written.
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        if safe_merge:
+            self._check_merge_is_finite(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge and safe_merge:
+            self._check_merge_is_finite(adapter_names)
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+    def _check_merge_is_finite(self, adapter_names: Optional[list[str]]) -> None:
+        for name, module in self.model.named_modules():
+            broken = module.first_nonfinite_merge(adapter_names) if isinstance(module, MFTCLayer) else None
+            if broken is not None:
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The adapter {broken} seems to be broken: merging it into "
+                    f"{name} gives non-finite weights (safe_merge: nothing was merged)"
+                )
 
     # ----- selection ------------------------------------------------------------------------------------------
     def mftc_layers(self, adapter_name: str | None = None) -> Iterator[tuple[str, MFTCLayer]]:

@@ -158,3 +158,29 @@ def test_checkpoint_without_geometry_still_loads(tmp_path):
         warnings.simplefilter("error", UserWarning)
         loaded = PeftModel.from_pretrained(case.model(), tmp_path)
     assert loaded.base_model.block_selection()[f"bert.encoder.{QUERY}"] == [1, 3]
+
+
+# --------------------------------------------------------------------------------------------------------- merge
+def _base_weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "mftc_" not in n}
+
+
+@pytest.mark.parametrize("merge", [
+    lambda m: m.merge_adapter(safe_merge=True),
+    lambda m: m.merge_and_unload(safe_merge=True),
+    lambda m: m.base_model.merge_adapter(["default"], safe_merge=True),
+], ids=["merge_adapter", "merge_and_unload", "tuner.merge_adapter"])
+def test_safe_merge_refuses_before_writing_anything(merge):
+    """Item 3: the last target's merged weight is not finite; no earlier layer may be merged meanwhile."""
+    case = CASES_BY_NAME["bert"]
+    model = get_peft_model(case.model(), MFTCConfig(**copy.deepcopy(case.config_kwargs), init_weights=False))
+    last = [layer for _, layer in model.base_model.mftc_layers() if layer.mftc_delta["default"].numel()][-1]
+    with torch.no_grad():
+        last.mftc_delta["default"][0, 0] = float("inf")
+    before = _base_weights(model)
+    with pytest.raises(ValueError, match=r"adapter default seems to be broken: merging it into "
+                                         r"bert.encoder.layer.1.output.dense gives non-finite weights"):
+        merge(model)
+    after = _base_weights(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(layer.merged for _, layer in model.base_model.mftc_layers())
