@@ -7,10 +7,13 @@ command line (6, 14, 15, 16). `test_count_of_bad_inputs` keeps the number the is
 
 import copy
 import json
+import logging
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
+from model_state import assert_same, fingerprint, token_batches
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from tiny_models import CASES_BY_NAME
@@ -184,3 +187,57 @@ def test_safe_merge_refuses_before_writing_anything(merge):
     after = _base_weights(model)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not any(layer.merged for _, layer in model.base_model.mftc_layers())
+
+
+# ------------------------------------------------------------------------------------------------------- warm-up
+WARM = dict(task_type="SEQ_CLS", warmup_steps=4, dsca_every=4, n_clusters=4, embed_dim=6, budget=0.1)
+
+
+def _warm_bert():
+    return get_peft_model(CASES_BY_NAME["bert"].model(), MFTCConfig(**WARM))
+
+
+def _one_class_loss(model, batch):
+    """Cross-entropy over a single class: 0 whatever the weights, as with single-class training data."""
+    batch = {k: v for k, v in batch.items() if k != "labels"}
+    return F.cross_entropy(model(**batch).logits[:, :1], torch.zeros(len(batch["input_ids"]), dtype=torch.long))
+
+
+WARMUP_CASES = [
+    # item 11: warm-up input
+    ("generator too short", lambda b: (x for x in b[:2]), None,
+     r"`train_dataloader` must yield 4 batches or be re-iterable .*got 2 batches and then none on the next pass"),
+    ("tuple batches", lambda b: [(x["input_ids"], x["labels"]) for x in b], None,
+     r"`train_dataloader` must yield dicts of model inputs .*got a tuple as batch 0"),
+    ("per-sample loss", list, lambda m, b: F.cross_entropy(m(**b).logits, b["labels"], reduction="none"),
+     r"`compute_loss` must return the batch's loss as a scalar tensor .*got a tensor of shape \(8,\)"),
+    ("float loss", list, lambda m, b: 0.5, r"`compute_loss` must return the batch's loss as a scalar tensor .*got 0.5"),
+    # item 15: all block gradients zero (API)
+    ("one class", list, _one_class_loss,
+     r"every block gradient was zero over the 4 warm-up micro-batches: .*single class"),
+]
+
+
+@pytest.mark.parametrize("name, loader, loss, match", WARMUP_CASES, ids=[row[0] for row in WARMUP_CASES])
+def test_warmup_rejects_and_leaves_the_model_as_it_was(name, loader, loss, match):
+    model = _warm_bert()
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match=match):
+        mftc_peft.warmup(model, loader(token_batches(4, seed=0)), compute_loss=loss, progress=False)
+    assert_same(before, fingerprint(model))
+
+
+def test_non_finite_last_micro_batch_keeps_the_last_dsca_update(caplog):
+    """Item 4: 3 of 4 micro-batches are finite; the update due after the 4th must still run."""
+    calls = []
+
+    def loss(model, batch):
+        calls.append(1)
+        value = model(**batch).loss
+        return value * float("nan") if len(calls) == 4 else value
+
+    model = _warm_bert()
+    with caplog.at_level(logging.WARNING, logger="mftc_peft"):
+        report = mftc_peft.warmup(model, token_batches(4, seed=0), compute_loss=loss, progress=False)
+    assert "skipping micro-batch 3 with a non-finite loss" in caplog.text
+    assert report.trainable_elements > 0
