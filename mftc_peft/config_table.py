@@ -20,6 +20,12 @@ def own_fields(cls=MFTCConfig) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.name in own]
 
 
+def field_default(name: str, cls=MFTCConfig):
+    """The default value of one config field (e.g. for command-line help, so that it cannot drift)."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
 def _default(f: dataclasses.Field) -> str:
     if f.default is not dataclasses.MISSING:
         return repr(f.default)

@@ -6,6 +6,7 @@ command line (6, 14, 15, 16). `test_count_of_bad_inputs` keeps the number the is
 """
 
 import copy
+import dataclasses
 import json
 import logging
 import warnings
@@ -21,6 +22,8 @@ from transformers import BertConfig, BertForSequenceClassification
 
 import mftc_peft  # noqa: F401
 from mftc_peft import MFTCConfig
+from mftc_peft.cli import app
+from mftc_peft.cli.data import read_rows
 
 # ------------------------------------------------------------------------------------------------- config fields
 CONFIG_CASES = [
@@ -241,3 +244,87 @@ def test_non_finite_last_micro_batch_keeps_the_last_dsca_update(caplog):
         report = mftc_peft.warmup(model, token_batches(4, seed=0), compute_loss=loss, progress=False)
     assert "skipping micro-batch 3 with a non-finite loss" in caplog.text
     assert report.trainable_elements > 0
+
+
+# -------------------------------------------------------------------------------------------------- command line
+def _cli_error(capsys, *argv) -> str:
+    """The one line on stderr of a command that must fail with exit status 2."""
+    code = app.main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    return err[0]
+
+
+CLI_ARG_CASES = [
+    # item 6: a learning rate that trains to NaN
+    (["--lr", "inf"], "argument --lr: must be a positive finite number, got 'inf'"),
+    (["--lr", "nan"], "argument --lr: must be a positive finite number, got 'nan'"),
+    (["--lr", "0"], "argument --lr: must be a positive finite number, got '0'"),
+    (["--lr=-1e-3"], "argument --lr: must be a positive finite number, got '-1e-3'"),
+]
+
+
+@pytest.mark.parametrize("argv, expected", CLI_ARG_CASES, ids=[" ".join(a) for a, _ in CLI_ARG_CASES])
+def test_cli_rejects_argument(tmp_path, monkeypatch, capsys, argv, expected):
+    monkeypatch.chdir(tmp_path)
+    assert expected in _cli_error(capsys, "finetune", *argv)
+    assert not (tmp_path / "runs").exists()
+
+
+LONG_FIELD = "x" * 131_073
+CLI_FILE_CASES = [
+    # item 14: encodings and csv limits, one line with file and line
+    ("latin1.csv", "text,label\ngood,pos\ncaf\xe9,neg\n".encode("latin-1"),
+     "file {path}, line 3: must be UTF-8 text, got byte 0xe9"),
+    ("latin1.jsonl", '{"text": "ok", "label": 0}\n{"text": "caf\xe9", "label": 1}\n'.encode("latin-1"),
+     "file {path}, line 2: must be UTF-8 text, got byte 0xe9"),
+    ("long.csv", f"text,label\nok,pos\n{LONG_FIELD},neg\n".encode(),
+     "file {path}, line 3: not valid CSV (field larger than field limit (131072))"),
+    # item 15: one class (the warm-up would see no gradient)
+    ("oneclass.csv", b"text,label\ngood,pos\nfine,pos\nnice,pos\n",
+     "file {path}: every label in column 'label' is 'pos' (one class); a classifier needs at least 2 classes"),
+    ("oneclass.jsonl", b'{"text": "a", "label": 0}\n{"text": "b", "label": 0}\n',
+     "file {path}: every label in column 'label' is 0 (one class)"),
+]
+
+
+@pytest.mark.parametrize("name, content, expected", CLI_FILE_CASES, ids=[row[0] for row in CLI_FILE_CASES])
+def test_cli_rejects_data_file(tmp_path, monkeypatch, capsys, name, content, expected):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / name
+    path.write_bytes(content)
+    line = _cli_error(capsys, "finetune", "--train-file", path)
+    assert line.startswith("mftc-peft finetune: error: ") and expected.format(path=path) in line
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("name, content", [
+    ("bom.csv", "\ufefftext,label\ngood,pos\nbad,neg\n"),
+    ("bom.jsonl", '\ufeff{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n'),
+])
+def test_utf8_files_with_a_byte_order_mark_are_read(tmp_path, name, content):
+    """Item 14: spreadsheet programs save "CSV UTF-8" with a byte-order mark; the first column is still `text`."""
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    rows = read_rows(path, "text", "label")
+    assert [(r.text, r.label) for r in rows] == [("good", "pos"), ("bad", "neg")]
+
+
+def test_diverging_training_fails_and_writes_nothing(tmp_path, capsys):
+    """Item 6: a finite but huge learning rate trains to a NaN loss; the run must not 'succeed'."""
+    out = tmp_path / "run"
+    code = app.main(["finetune", "--method", "lora", "--lr", "1e30", "--max-train-samples", "16",
+                     "--max-eval-samples", "8", "--batch-size", "8", "--max-length", "16", "--epochs", "1",
+                     "--no-progress", "--output-dir", str(out)])
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # transformers may print a loading bar first
+    assert code == 2 and "training diverged: the loss was nan at step" in line and "lower --lr" in line
+    assert not out.exists()
+
+
+def test_help_defaults_are_the_configs():
+    """Item 16: `--warmup-steps` said 16 while MFTCConfig's default is 12."""
+    finetune = next(a for a in app.build_parser()._actions if a.dest == "command").choices["finetune"]
+    text = " ".join(finetune.format_help().split())
+    defaults = {f.name: f.default for f in dataclasses.fields(MFTCConfig)}
+    assert f"warm-up micro-batches (default: {defaults['warmup_steps']})" in text
+    assert f"trainable elements (default: {defaults['budget']})" in text
