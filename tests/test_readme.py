@@ -80,3 +80,10 @@ def test_package_map_lists_exactly_the_package_files():
     on_disk = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "mftc_peft").rglob("*.py"))
     assert len(listed) == len(set(listed)), "a file is listed twice"
     assert sorted(listed) == on_disk
+
+
+def test_the_import_needed_for_loading_is_in_the_introduction():
+    """Issue 13 item 13: PEFT raises a bare `KeyError: 'MFTC'` before any plugin code runs (its config lookup is a plain
+    dict, with no discovery hook), so the remedy must be where users look first: above the first section."""
+    introduction = readme().split("\n## ", 1)[0]
+    assert "`KeyError: 'MFTC'`" in introduction and "`import mftc_peft` first" in introduction
