@@ -29,37 +29,50 @@ def describe_geometry(values) -> str:
     return f"a {out_features} x {in_features} weight cut into blocks of {width} along '{axis_name}'"
 
 
-def check_saved_layer(
-    source: str, module: str, grid: BlockGrid, tensors: dict, *, config_ids: Optional[list[int]]
-) -> list[int]:
-    """Validate one adapter's saved tensors for `module` (cut by `grid`); returns the saved block ids.
+PARTS = ("idx", "delta", "scale", "geometry")
 
-    `source` is the checkpoint key prefix (e.g. "...query.mftc_{}.default" with `{}` for the tensor's name);
-    `tensors` maps "idx", "delta", "scale", "geometry" to the saved tensors (missing ones are absent or None);
-    `config_ids` are the ids the adapter's config selects for this module, or None when the config lists no selection
-    (a warm-up's data-dependent selection then comes from the checkpoint).
+
+def saved_key(prefix: str, part: str, adapter_name: str) -> str:
+    """The state-dict key of one saved tensor of a layer (`prefix` ends with the layer's name and a dot)."""
+    return f"{prefix}mftc_{part}.{adapter_name}"
+
+
+def check_saved_layer(
+    prefix: str, adapter_name: str, grid: BlockGrid, tensors: dict, *, config_ids: Optional[list[int]]
+) -> Optional[list[int]]:
+    """Validate one adapter's saved tensors for the layer at `prefix` (cut by `grid`); returns the saved block ids
+    (None when the checkpoint has none for this layer).
+
+    `tensors` maps the `PARTS` to the saved tensors (missing ones are absent or None); `config_ids` are the ids the
+    adapter's config selects for this layer, or None when the config lists no selection (a warm-up's data-dependent
+    selection then comes from the checkpoint).
     """
-    geometry = tensors.get("geometry")
-    if geometry is not None:
-        expected = grid_geometry(grid)
-        if geometry.shape != expected.shape or not torch.equal(geometry.to(torch.int32).cpu(), expected):
-            found = describe_geometry(geometry) if geometry.shape == expected.shape else f"shape {tuple(geometry.shape)}"
-            raise ValueError(
-                f"checkpoint {source.format('geometry')} was saved for {found}, but {module} is "
-                f"{describe_geometry(expected)}: {SHAPE_HINT}"
-            )
-    ids = _saved_ids(source.format("idx"), tensors.get("idx"), grid)
+    module = prefix.rstrip(".")
+
+    def key(part: str) -> str:
+        return saved_key(prefix, part, adapter_name)
+
+    geometry, expected = tensors.get("geometry"), grid_geometry(grid)
+    if geometry is not None and geometry.shape != expected.shape:
+        raise ValueError(f"checkpoint {key('geometry')} must have shape {tuple(expected.shape)}, got "
+                         f"{tuple(geometry.shape)}: the file is damaged")
+    if geometry is not None and not torch.equal(geometry.to(torch.int32).cpu(), expected):
+        raise ValueError(
+            f"checkpoint {key('geometry')} was saved for {describe_geometry(geometry)}, but {module} is "
+            f"{describe_geometry(expected)}: {SHAPE_HINT}"
+        )
+    ids = _saved_ids(key("idx"), tensors.get("idx"), grid)
     if ids is None:
         return None
     if config_ids is not None and ids != config_ids:
         raise ValueError(
-            f"checkpoint {source.format('idx')} holds block ids {ids!r}, but the adapter's config selects "
+            f"checkpoint {key('idx')} holds block ids {ids!r}, but the adapter's config selects "
             f"{config_ids!r} for {module} (`block_selection` in adapter_config.json): the config and the saved tensors "
             "disagree; restore the config the adapter was saved with"
         )
     n_lines = sum(grid.widths(ids))
-    _check_shape(source.format("delta"), tensors.get("delta"), (n_lines, grid.other_length), module, grid, ids)
-    _check_shape(source.format("scale"), tensors.get("scale"), (n_lines,), module, grid, ids)
+    _check_shape(key("delta"), tensors.get("delta"), (n_lines, grid.other_length), module, grid, ids)
+    _check_shape(key("scale"), tensors.get("scale"), (n_lines,), module, grid, ids)
     return ids
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .blocks import BlockGrid
-from .checkpoint import check_saved_layer, grid_geometry
+from .checkpoint import PARTS, check_saved_layer, grid_geometry, saved_key
 
 SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)
 # Scale of the random deltas that `init_weights=False` draws, so that tests can tell an adapter from the base model.
@@ -317,12 +317,10 @@ class Linear(nn.Module, MFTCLayer):
         # Selections are data-dependent: take each adapter's shapes from the checkpoint before the copy, after checking
         # that the saved tensors fit this weight and the config. This must live on the concrete class; on the mixin,
         # nn.Module's method would come first in the MRO.
-        module = prefix.rstrip(".")
         for adapter_name in list(self.mftc_delta.keys()):
-            key = f"{prefix}mftc_{{}}.{adapter_name}"
-            tensors = {part: state_dict.get(key.format(part)) for part in ("idx", "delta", "scale", "geometry")}
+            tensors = {part: state_dict.get(saved_key(prefix, part, adapter_name)) for part in PARTS}
             listed = self._mftc_listed.get(adapter_name, False)
-            ids = check_saved_layer(key, module, self.mftc_grid[adapter_name], tensors,
+            ids = check_saved_layer(prefix, adapter_name, self.mftc_grid[adapter_name], tensors,
                                     config_ids=self.block_ids(adapter_name) if listed else None)
             if ids is not None and ids != self.block_ids(adapter_name):
                 self._resize_to_checkpoint(adapter_name, ids)

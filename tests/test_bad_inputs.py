@@ -1,8 +1,9 @@
 """Issue 13: bad input never slips through. Every row is one bad input; each must fail with a message that names the
 argument (or file), states the rule and echoes the value, and leave the user's model as it was.
 
-Sections: config fields (items 5, 8, 9, 10), checkpoints (1, 2, 12), merge (3), warm-up (4, 11, 15), probes (7),
-command line (6, 14, 15, 16). `test_count_of_bad_inputs` keeps the number the issue's note reports honest.
+Sections: config fields (items 5, 8, 9, 10), checkpoints (1, 2, 12), merge (3), warm-up (4, 11, 15), command line
+(6, 14, 15, 16). Item 7 (probe dropout from the seed) is tested in test_probes_finetune.py, item 13 (the import
+needed for loading) in test_readme.py.
 """
 
 import copy
@@ -121,6 +122,8 @@ CHECKPOINT_CASES = [
      r"mftc_idx.default must be a 1-D integer tensor of block ids, got shape \(2, 1\) of torch.int32"),
     ("float ids", _no_selection, _replace("mftc_idx", torch.tensor([1.0, 3.0])),
      r"must be a 1-D integer tensor of block ids, got shape \(2,\) of torch.float32"),
+    ("geometry shape", None, _replace("mftc_geometry", torch.tensor([64, 64], dtype=torch.int32)),
+     r"mftc_geometry.default must have shape \(4,\), got \(2,\): the file is damaged"),
     ("geometry", None, _replace("mftc_geometry", torch.tensor([64, 64, 8, 1], dtype=torch.int32)),
      r"saved for a 64 x 64 weight cut into blocks of 8 along 'out', but .*query is a 64 x 64 weight cut into "
      r"blocks of 16 along 'out'"),
