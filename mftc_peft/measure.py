@@ -188,6 +188,7 @@ def _collect(run: WarmupRun, layers: dict, grids: dict, batches: list[dict]):
         targets, kind=config.signature_kind, window=config.signature_window, seed=seeds["signatures"],
         keep_history=config.probe == "taylor",
     )
+    folded_at_update = 0  # micro-batches folded in at the last DSCA update: no update without new ones
     with collector:
         for step, batch in enumerate(tqdm(batches, desc="MFTC warm-up", disable=not run.progress, leave=False)):
             with run.timed("signatures"):
@@ -198,7 +199,9 @@ def _collect(run: WarmupRun, layers: dict, grids: dict, batches: list[dict]):
                 else:  # skipped, but the update below still runs: the last micro-batch's update must not be lost
                     logger.warning("MFTC warm-up: skipping micro-batch %d with a non-finite loss", step)
             last = step == len(batches) - 1
-            if collector.n_micro_batches >= 2 and ((step + 1) % config.dsca_every == 0 or last):
+            fresh = collector.n_micro_batches > folded_at_update
+            if fresh and collector.n_micro_batches >= 2 and ((step + 1) % config.dsca_every == 0 or last):
+                folded_at_update = collector.n_micro_batches
                 _check_some_gradient(collector)
                 with run.timed("dsca"):
                     dsca.update(
