@@ -174,7 +174,8 @@ class MFTCModel(BaseTuner):
         return {name: layer.mftc_grid[adapter_name] for name, layer in self.mftc_layers(adapter_name)}
 
     def block_selection(self, adapter_name: str | None = None) -> dict[str, list[int]]:
-        """The blocks each layer trains now (from the layers' id buffers, which win over the config)."""
+        """The blocks each layer trains now, from the layers' id buffers (a loaded checkpoint's ids must agree with
+        the config's selection; a config without one takes the checkpoint's)."""
         adapter_name = adapter_name or self.active_adapters[0]
         selection = {name: layer.block_ids(adapter_name) for name, layer in self.mftc_layers(adapter_name)}
         return {name: ids for name, ids in selection.items() if ids}
