@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import re
 
 import numpy as np
 
@@ -75,3 +76,36 @@ def check_rng(name: str, value) -> np.random.Generator:
     if is_int(value) and operator.index(value) >= 0:
         return np.random.default_rng(operator.index(value))
     raise ValueError(f"`{name}` must be a numpy Generator or a non-negative integer seed, got {value!r}")
+
+
+def check_bool(name: str, value) -> bool:
+    """`True` or `False` only: a string such as "no" is truthy and would silently mean the opposite."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_regex(name: str, pattern: str, *, rule: str = "a valid regular expression") -> str:
+    """A string that compiles as a regular expression (module names are matched as regexes); `rule` as stated."""
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"`{name}` must be {rule}, got {pattern!r} ({error})") from None
+    return pattern
+
+
+def check_names(name: str, value, *, allow_str: bool = True, regex: bool = False):
+    """None, a string (if `allow_str`) or a list / tuple / set of strings; with `regex`, each must compile."""
+    if value is None:
+        return value
+    if isinstance(value, str):
+        if not allow_str:
+            raise ValueError(f"`{name}` must be a list of module names, got the string {value!r} (write [{value!r}])")
+        return check_regex(name, value) if regex else value
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(v, str) for v in value):
+        rule = "a string or a list of strings" if allow_str else "a list of module names (strings)"
+        raise ValueError(f"`{name}` must be {rule}, got {value!r}")
+    if regex:
+        for entry in value:
+            check_regex(name, entry, rule="module names or valid regular expressions")
+    return value

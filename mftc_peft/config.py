@@ -8,8 +8,9 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
+from . import defaults
 from .blocks import AXIS_CHOICES
-from .checks import check_choice, check_int, check_range, is_int, is_real
+from .checks import check_bool, check_choice, check_int, check_names, check_range, check_regex, is_int, is_real
 from .graph import SIMILARITIES
 from .probes import BLOCK_SCORES, PROBES
 from .registry import mftc_peft_type
@@ -84,14 +85,14 @@ class MFTCConfig(PeftConfig):
     )
     # ----- warm-up: what is measured -----
     budget: Union[float, int] = field(
-        default=0.03,
+        default=defaults.BUDGET,
         metadata={
             "help": "Trainable elements the warm-up may select: a float in (0, 1] is a share of all target-weight "
             "elements, an int a count (e.g. a LoRA run's trainable parameters, for a matched comparison)."
         },
     )
     warmup_steps: int = field(
-        default=12, metadata={"help": "Micro-batches (forward + backward, no optimiser step) the warm-up measures."}
+        default=defaults.WARMUP_STEPS, metadata={"help": "Micro-batches (forward + backward, no optimiser step) the warm-up measures."}
     )
     head_warmup_steps: int = field(
         default=0,
@@ -219,19 +220,25 @@ class MFTCConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = mftc_peft_type()
+        _check_module_fields(self)
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, (list, tuple)):
             self.exclude_modules = set(self.exclude_modules)
         check_int("block_size", self.block_size)
+        check_bool("head_blocks", self.head_blocks)
+        check_bool("init_weights", self.init_weights)
         check_choice("block_axis", self.block_axis, AXIS_CHOICES)
         check_choice("bias", self.bias, BIAS_OPTIONS)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"`seed` must be an integer, got {self.seed!r}")
+        check_int("seed", self.seed, minimum=0)  # numpy's SeedSequence takes non-negative seeds only
         self.block_selection = _normalise_selection(self.block_selection)
         _check_budget(self.budget)
-        for name in ("warmup_steps", "dsca_every", "signature_window", "n_clusters", "embed_dim", "max_candidates"):
+        for name in ("warmup_steps", "dsca_every", "n_clusters", "max_candidates"):
             check_int(name, getattr(self, name))
+        # An energy signature needs 2 micro-batches to have a shape; one eigenvector embeds nothing (the first is
+        # the constant one), so the eigensolver needs at least 2.
+        check_int("signature_window", self.signature_window, minimum=2)
+        check_int("embed_dim", self.embed_dim, minimum=2)
         for name in ("probe_steps", "probe_repeats"):
             check_int(name, getattr(self, name))
         for name in ("n_neighbors", "max_module_size"):
@@ -273,6 +280,20 @@ class MFTCConfig(PeftConfig):
             raise ValueError(f"`loss_threshold` must be a number or None, got {self.loss_threshold!r}")
 
 
+def _check_module_fields(config) -> None:
+    """The module-name fields PEFT reads: strings where PEFT expects them, regexes that compile."""
+    check_names("target_modules", config.target_modules, regex=True)
+    check_names("exclude_modules", config.exclude_modules, regex=True)
+    check_names("layers_pattern", config.layers_pattern)
+    # PEFT extends this list with the task's head: a string would be extended character by character, or fail.
+    check_names("modules_to_save", config.modules_to_save, allow_str=False)
+    layers = config.layers_to_transform
+    if layers is not None and not (is_int(layers) and layers >= 0) and not (
+        isinstance(layers, (list, tuple)) and all(is_int(i) and i >= 0 for i in layers)
+    ):
+        raise ValueError(f"`layers_to_transform` must be a non-negative integer or a list of them, got {layers!r}")
+
+
 def _check_budget(budget) -> None:
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise ValueError(f"`budget` must be a float in (0, 1] or a positive int, got {budget!r}")
@@ -283,7 +304,7 @@ def _check_budget(budget) -> None:
 
 
 def _normalise_selection(selection) -> dict[str, list[int]]:
-    """Plain `{str: [int, ...]}` (JSON-safe: no nested sets or tuples), ids non-negative and unique per key."""
+    """Plain `{str: [int, ...]}` (JSON-safe: no nested sets or tuples), ids non-negative, unique and sorted per key."""
     if selection is None:
         return {}
     if not isinstance(selection, dict):
@@ -292,6 +313,7 @@ def _normalise_selection(selection) -> dict[str, list[int]]:
     for key, ids in selection.items():
         if not isinstance(key, str):
             raise ValueError(f"`block_selection` keys must be module names (str), got {key!r}")
+        check_regex("block_selection", key, rule="keyed by module names or valid regular expressions")
         if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
             raise ValueError(f"`block_selection[{key!r}]` must be a list of block ids, got {ids!r}")
         ids = list(ids)
@@ -300,5 +322,5 @@ def _normalise_selection(selection) -> dict[str, list[int]]:
         ids = [operator.index(i) for i in ids]  # numpy / torch integers -> int, so the config stays JSON-safe
         if len(set(ids)) != len(ids):
             raise ValueError(f"`block_selection[{key!r}]` block ids must be unique, got {ids!r}")
-        normalised[key] = ids
+        normalised[key] = sorted(ids)  # ids name a set of blocks: sorted, as the layers hold and save them
     return normalised

@@ -45,7 +45,14 @@ class WarmupRun:
         return stage_seeds(self.config.seed)
 
     def loss(self, batch) -> torch.Tensor:
-        return (self.compute_loss or default_loss)(self.peft_model, batch)
+        loss = (self.compute_loss or default_loss)(self.peft_model, batch)
+        if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+            shape = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else repr(loss)
+            raise ValueError(
+                f"`compute_loss` must return the batch's loss as a scalar tensor (e.g. the mean over samples), "
+                f"got {shape:.80}"
+            )
+        return loss.reshape(())
 
     @contextmanager
     def timed(self, stage: str):

@@ -20,6 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .blocks import BlockGrid
+from .checkpoint import PARTS, check_saved_layer, grid_geometry, saved_key
 
 SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)
 # Scale of the random deltas that `init_weights=False` draws, so that tests can tell an adapter from the base model.
@@ -28,7 +29,7 @@ RANDOM_INIT_STD = 0.02
 
 class MFTCLayer(BaseTunerLayer):
     adapter_layer_names = ("mftc_delta",)
-    other_param_names = ("mftc_idx", "mftc_scale")
+    other_param_names = ("mftc_idx", "mftc_scale", "mftc_geometry")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -36,6 +37,8 @@ class MFTCLayer(BaseTunerLayer):
         self.mftc_idx = BufferDict({}, persistent=True)
         # Optional per-line step scales (`step_control.py`): the delta applied is mftc_scale[:, None] * mftc_delta.
         self.mftc_scale = BufferDict({}, persistent=True)
+        # The weight shape and block grid the ids refer to, saved so that a different base model is refused on load.
+        self.mftc_geometry = BufferDict({}, persistent=True)
         self.mftc_grid: dict[str, BlockGrid] = {}
         # Weight lines an adapter's merge replaced, so that unmerge restores them bit-exactly (not by subtraction).
         self._mftc_replaced: dict[str, torch.Tensor] = {}
@@ -45,6 +48,9 @@ class MFTCLayer(BaseTunerLayer):
         # Whether PEFT asked for each adapter to be trainable; an empty delta is frozen regardless, so its own flag
         # cannot tell, and a checkpoint that fills it must know.
         self._mftc_wants_grad: dict[str, bool] = {}
+        # Whether the adapter's config lists a selection: then a checkpoint's ids must match the layer's, else the
+        # checkpoint's (data-dependent) ids are taken.
+        self._mftc_listed: dict[str, bool] = {}
         base = self.get_base_layer()
         if not isinstance(base, SUPPORTED_LAYER_TYPES):
             raise TypeError(
@@ -82,6 +88,7 @@ class MFTCLayer(BaseTunerLayer):
         self.mftc_grid[adapter_name] = grid
         self.mftc_delta[adapter_name] = nn.Parameter(delta)
         self.mftc_idx[adapter_name] = torch.tensor(ids, dtype=torch.int32)  # int32: half the bytes on disk
+        self.mftc_geometry[adapter_name] = grid_geometry(grid)
         if scale_of is None:
             if adapter_name in self.mftc_scale:
                 del self.mftc_scale[adapter_name]
@@ -154,6 +161,10 @@ class MFTCLayer(BaseTunerLayer):
         flag cannot tell); a delta filled from a checkpoint later gets this trainability."""
         self._mftc_wants_grad[adapter_name] = bool(wants_grad)
 
+    def record_selection_listed(self, adapter_name: str, listed: bool) -> None:
+        """Remember whether the adapter's config lists a selection, which a checkpoint's ids must then agree with."""
+        self._mftc_listed[adapter_name] = bool(listed)
+
     def block_ids(self, adapter_name: str) -> list[int]:
         return self.mftc_idx[adapter_name].tolist()
 
@@ -201,20 +212,39 @@ class MFTCLayer(BaseTunerLayer):
     def _write_lines(self, weight: torch.Tensor, adapter_name: str, positions: torch.Tensor, lines) -> None:
         self._lines(weight, adapter_name)[positions] = lines.to(weight.dtype)  # a view: writes into `weight`
 
+    def first_nonfinite_merge(self, adapter_names: Optional[list[str]] = None) -> Optional[str]:
+        """The first adapter whose merge would make this weight non-finite (None: all fine), found on a copy of the
+        weight, in merge order, so that `safe_merge` can refuse before anything is written."""
+        names = self.active_adapters if adapter_names is None else adapter_names
+        names = [n for n in names if n in self.mftc_delta and n not in self.merged_adapters]
+        if not names:
+            return None
+        weight = self.get_base_layer().weight.data.clone()
+        for adapter_name in names:
+            positions = self._positions(adapter_name).to(weight.device)
+            new_lines = self._merged_lines(weight, adapter_name, positions)
+            if not torch.isfinite(new_lines).all():
+                return adapter_name
+            self._write_lines(weight, adapter_name, positions, new_lines)
+        return None
+
+    def _merged_lines(self, weight: torch.Tensor, adapter_name: str, positions: torch.Tensor) -> torch.Tensor:
+        """Base lines plus the delta, added in the delta's dtype (fp32 on a bf16 base); written in the base's."""
+        delta = self.applied_delta(adapter_name).detach()
+        return self._read_lines(weight, adapter_name, positions).to(delta.dtype) + delta
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
+        broken = self.first_nonfinite_merge(adapter_names) if safe_merge else None
+        if broken is not None:  # checked for every adapter first: a refused merge writes nothing
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {broken} seems to be broken")
         weight = self.get_base_layer().weight.data
         for adapter_name in adapter_names:
             if adapter_name not in self.mftc_delta:
                 continue
             positions = self._positions(adapter_name).to(weight.device)
             old_lines = self._read_lines(weight, adapter_name, positions)
-            delta = self.applied_delta(adapter_name).detach()
-            new_lines = old_lines.to(delta.dtype) + delta  # in the delta's dtype (fp32); written in the base's
-            if safe_merge and not torch.isfinite(new_lines).all():
-                raise ValueError(
-                    f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken"
-                )
+            new_lines = self._merged_lines(weight, adapter_name, positions)
             self._mftc_replaced[adapter_name] = old_lines.clone()
             self._write_lines(weight, adapter_name, positions, new_lines)
             self.merged_adapters.append(adapter_name)
@@ -260,6 +290,12 @@ def _layer_generator(seed: int, adapter_name: str, grid: BlockGrid, ids: Sequenc
     return torch.Generator().manual_seed(zlib.crc32(key))
 
 
+def _geometry_is_optional(module, incompatible_keys) -> None:
+    """Checkpoints saved before `mftc_geometry` existed lack it: not a missing adapter weight (load as before)."""
+    missing = incompatible_keys.missing_keys
+    missing[:] = [key for key in missing if ".mftc_geometry." not in key]
+
+
 class Linear(nn.Module, MFTCLayer):
     """MFTC around an `nn.Linear` or a transformers `Conv1D`; the forward never needs the base layout."""
 
@@ -277,6 +313,7 @@ class Linear(nn.Module, MFTCLayer):
     ) -> None:
         super().__init__()
         MFTCLayer.__init__(self, base_layer, **kwargs)
+        self.register_load_state_dict_post_hook(_geometry_is_optional)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, grid, block_ids, init_weights=init_weights, seed=seed, step_scales=step_scales)
 
@@ -291,40 +328,25 @@ class Linear(nn.Module, MFTCLayer):
         return self._add_block_updates(x, result)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
-        # Selections are data-dependent: take each adapter's shapes from the checkpoint before the copy. This must
-        # live on the concrete class; on the mixin, nn.Module's method would come first in the MRO.
+        # Selections are data-dependent: take each adapter's shapes from the checkpoint before the copy, after checking
+        # that the saved tensors fit this weight and the config. This must live on the concrete class; on the mixin,
+        # nn.Module's method would come first in the MRO.
         for adapter_name in list(self.mftc_delta.keys()):
-            ids = state_dict.get(f"{prefix}mftc_idx.{adapter_name}")
-            source = f"checkpoint {prefix}mftc_idx.{adapter_name}"
-            if ids is not None and ids.tolist() != sorted(set(ids.tolist())):
-                # The forward relies on sorted ids (only the last block can be narrow); every saved adapter has them.
-                raise ValueError(f"`{source}` must hold increasing block ids, got {ids.tolist()!r}")
-            if ids is not None and ids.tolist() != self.block_ids(adapter_name):
-                self._resize_to_checkpoint(adapter_name, ids.tolist(), source)
-            scale = state_dict.get(f"{prefix}mftc_scale.{adapter_name}")
+            tensors = {part: state_dict.get(saved_key(prefix, part, adapter_name)) for part in PARTS}
+            listed = self._mftc_listed.get(adapter_name, False)
+            ids = check_saved_layer(prefix, adapter_name, self.mftc_grid[adapter_name], tensors,
+                                    config_ids=self.block_ids(adapter_name) if listed else None)
+            if ids is not None and ids != self.block_ids(adapter_name):
+                self._resize_to_checkpoint(adapter_name, ids)
+            scale = tensors["scale"]
             if scale is not None and (adapter_name not in self.mftc_scale or
                                       self.mftc_scale[adapter_name].shape != scale.shape):
                 self.mftc_scale[adapter_name] = torch.ones(scale.shape, device=self.mftc_idx[adapter_name].device)
-            delta = state_dict.get(f"{prefix}mftc_delta.{adapter_name}")
-            if delta is not None and delta.shape[1:] != self.mftc_delta[adapter_name].shape[1:]:
-                grid = self.mftc_grid[adapter_name]
-                raise ValueError(
-                    f"checkpoint {prefix}mftc_delta.{adapter_name} has lines of length {delta.shape[1]}, but "
-                    f"{prefix.rstrip('.')} has a weight of {grid.out_features} x {grid.in_features} (lines of length "
-                    f"{grid.other_length} on its '{grid.axis}' block axis): the adapter was saved for a base model "
-                    "whose shapes differ from this one."
-                )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
-    def _resize_to_checkpoint(self, adapter_name: str, ids: list[int], source: str) -> None:
-        """Re-create the adapter's delta for the checkpoint's blocks, keeping its dtype and trainability."""
+    def _resize_to_checkpoint(self, adapter_name: str, ids: list[int]) -> None:
+        """Re-create the adapter's delta for the checkpoint's (checked) blocks, keeping its dtype and trainability."""
         grid = self.mftc_grid[adapter_name]
-        try:
-            grid.check_ids(ids, name=source)
-        except ValueError as error:
-            raise ValueError(
-                f"{error}. The adapter was saved for a base model whose shapes differ from this one."
-            ) from None
         old = self.mftc_delta[adapter_name]
         wanted = old.requires_grad if old.numel() else self._mftc_wants_grad.get(adapter_name, False)
         self.update_layer(adapter_name, grid, ids)  # keeps the old delta's dtype

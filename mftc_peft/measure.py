@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -87,19 +87,37 @@ def measure(run: WarmupRun, train_dataloader: Iterable, eval_dataloader: Optiona
     )
 
 
-def _batches(dataloader: Iterable, n: int, device) -> Iterable[dict]:
+def _batches(dataloader: Iterable, n: int, device, name: str = "train_dataloader") -> Iterable[dict]:
     """`n` batches, cycling through the dataloader if it is shorter, moved to the model's device."""
     produced = 0
     while produced < n:
-        empty = True
+        before = produced
         for batch in dataloader:
-            empty = False
-            yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            yield _to_device(batch, device, name, produced)
             produced += 1
             if produced == n:
                 return
-        if empty:
-            raise ValueError("`train_dataloader` yielded no batch")
+        if produced == before:
+            raise ValueError(_exhausted(name, produced, n))
+
+
+def _exhausted(name: str, produced: int, n: int) -> str:
+    if produced == 0:
+        return f"`{name}` yielded no batch"
+    # A generator or iterator is empty on its second pass, so it cannot be cycled.
+    return (
+        f"`{name}` must yield {n} batches or be re-iterable (a list or a DataLoader, which is cycled), got "
+        f"{produced} batches and then none on the next pass (a one-shot generator or iterator?)"
+    )
+
+
+def _to_device(batch, device, name: str, index: int) -> dict:
+    if not isinstance(batch, Mapping):
+        raise ValueError(
+            f"`{name}` must yield dicts of model inputs (e.g. input_ids, attention_mask, labels), got a "
+            f"{type(batch).__name__} as batch {index}"
+        )
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _split_batches(config, train_dataloader, eval_dataloader, device) -> tuple[list[dict], list[dict]]:
@@ -107,7 +125,7 @@ def _split_batches(config, train_dataloader, eval_dataloader, device) -> tuple[l
     n_eval = 0 if config.probe == "taylor" else PROBE_EVAL_BATCHES
     if eval_dataloader is not None and n_eval:
         train = list(_batches(train_dataloader, config.warmup_steps, device))
-        return train, list(_batches(eval_dataloader, n_eval, device))
+        return train, list(_batches(eval_dataloader, n_eval, device, "eval_dataloader"))
     batches = list(_batches(train_dataloader, config.warmup_steps + n_eval, device))
     return batches[: config.warmup_steps], batches[config.warmup_steps :]
 
@@ -171,17 +189,21 @@ def _collect(run: WarmupRun, layers: dict, grids: dict, batches: list[dict]):
         targets, kind=config.signature_kind, window=config.signature_window, seed=seeds["signatures"],
         keep_history=config.probe == "taylor",
     )
+    folded_at_update = 0  # micro-batches folded in at the last DSCA update: no update without new ones
     with collector:
         for step, batch in enumerate(tqdm(batches, desc="MFTC warm-up", disable=not run.progress, leave=False)):
             with run.timed("signatures"):
                 loss = run.loss(batch)
-                if not torch.isfinite(loss):
+                if torch.isfinite(loss):
+                    loss.backward()
+                    collector.end_micro_batch()
+                else:  # skipped, but the update below still runs: the last micro-batch's update must not be lost
                     logger.warning("MFTC warm-up: skipping micro-batch %d with a non-finite loss", step)
-                    continue
-                loss.backward()
-                collector.end_micro_batch()
             last = step == len(batches) - 1
-            if collector.n_micro_batches >= 2 and ((step + 1) % config.dsca_every == 0 or last):
+            fresh = collector.n_micro_batches > folded_at_update
+            if fresh and collector.n_micro_batches >= 2 and ((step + 1) % config.dsca_every == 0 or last):
+                folded_at_update = collector.n_micro_batches
+                _check_some_gradient(collector)
                 with run.timed("dsca"):
                     dsca.update(
                         collector.signatures(), node_sizes=collector.node_sizes(),
@@ -193,3 +215,13 @@ def _collect(run: WarmupRun, layers: dict, grids: dict, batches: list[dict]):
             "2: raise `warmup_steps` or check the batches"
         )
     return collector, dsca
+
+
+def _check_some_gradient(collector: SignatureCollector) -> None:
+    """All-zero block gradients leave DSCA nothing to cluster; say why that happens instead of DSCA's own error."""
+    if not np.any(collector.block_energy()):
+        raise ValueError(
+            f"every block gradient was zero over the {collector.n_micro_batches} warm-up micro-batches: the loss does "
+            "not depend on the target weights (e.g. the batches hold a single class, whose cross-entropy over one "
+            "label is 0, or `compute_loss` returns a constant); check the labels, `num_labels` and the loss"
+        )

@@ -7,7 +7,7 @@ hooks of save/load) is PEFT's own and inherited unchanged.
 from __future__ import annotations
 
 import re
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
 from peft.utils.other import get_pattern_key
@@ -96,8 +96,10 @@ class MFTCModel(BaseTuner):
             options["step_scales"] = [1.0] * len(block_ids)
         if isinstance(target, MFTCLayer):
             target.update_layer(adapter_name, grid, block_ids, **options)
+            target.record_selection_listed(adapter_name, bool(config.block_selection))
             return
         new_module = Linear(target, adapter_name, grid, block_ids, **options)
+        new_module.record_selection_listed(adapter_name, bool(config.block_selection))
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until it is set active
         self._replace_module(parent, target_name, new_module, target)
@@ -135,6 +137,30 @@ class MFTCModel(BaseTuner):
             for name in matched:
                 targets[name].check_ids(ids, name=f"block_selection[{key!r}] for {name}")
 
+    # ----- merge ----------------------------------------------------------------------------------------------
+    # PEFT merges layer by layer, so a non-finite weight found in a later layer would leave the earlier ones merged:
+    # with `safe_merge`, every layer is checked before the first is written.
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        if safe_merge:
+            self._check_merge_is_finite(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge and safe_merge:
+            self._check_merge_is_finite(adapter_names)
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+    def _check_merge_is_finite(self, adapter_names: Optional[list[str]]) -> None:
+        for name, module in self.model.named_modules():
+            broken = module.first_nonfinite_merge(adapter_names) if isinstance(module, MFTCLayer) else None
+            if broken is not None:
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The adapter {broken} seems to be broken: merging it into "
+                    f"{name} gives non-finite weights (safe_merge: nothing was merged)"
+                )
+
     # ----- selection ------------------------------------------------------------------------------------------
     def mftc_layers(self, adapter_name: str | None = None) -> Iterator[tuple[str, MFTCLayer]]:
         """(base-model module name, layer) for every MFTC layer that holds `adapter_name` (default: active)."""
@@ -148,7 +174,8 @@ class MFTCModel(BaseTuner):
         return {name: layer.mftc_grid[adapter_name] for name, layer in self.mftc_layers(adapter_name)}
 
     def block_selection(self, adapter_name: str | None = None) -> dict[str, list[int]]:
-        """The blocks each layer trains now (from the layers' id buffers, which win over the config)."""
+        """The blocks each layer trains now, from the layers' id buffers (a loaded checkpoint's ids must agree with
+        the config's selection; a config without one takes the checkpoint's)."""
         adapter_name = adapter_name or self.active_adapters[0]
         selection = {name: layer.block_ids(adapter_name) for name, layer in self.mftc_layers(adapter_name)}
         return {name: ids for name, ids in selection.items() if ids}
@@ -190,6 +217,8 @@ class MFTCModel(BaseTuner):
                 step_scales=_scales_for(config, scales, name, checked.get(name, [])),
             )
         config.block_selection = {name: sorted(ids) for name, ids in checked.items() if ids}
+        for layer in layers.values():
+            layer.record_selection_listed(adapter_name, bool(config.block_selection))
 
     def selected_numel(self, adapter_name: str | None = None) -> int:
         adapter_name = adapter_name or self.active_adapters[0]

@@ -8,14 +8,16 @@ alone for the same steps, from the same starting point, on the same batches. A p
    trains `probe_steps` steps on warm-up batches, evaluates loss and accuracy on held-out probe batches,
 3. restores the snapshot exactly, after every probe and after the run, also when an exception escapes.
 
-Every probe starts from the same global torch RNG state (the snapshot restores it), so with dropout on all candidates
-see the same dropout masks: deltas are paired differences. Batch orders come from a numpy Generator seeded by `seed`;
-the library never seeds torch. Results are therefore deterministic given `seed` and the RNG state at entry (fully
-deterministic given `seed` with `dropout=False`).
+Batch orders come from a numpy Generator seeded by `seed`; dropout masks from a torch seed drawn from a child of that
+Generator (spawned, so the batch orders are the same as without it), one per repeat: every candidate of a repeat sees
+the same masks, so deltas are paired differences. Results are therefore deterministic given `seed` alone (and so, in
+the warm-up, given `MFTCConfig.seed`). Torch's global RNG, which dropout draws from, is forked around each probe and
+restored, so the caller's RNG state is left as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
@@ -140,12 +142,14 @@ def measure_selection(
     dropout: bool = True,
     compute_loss: LossFn | None = None,
     adapter_name: str | None = None,
+    dropout_seed: int | None = None,
 ) -> SelectionMeasurement:
     """Train the head plus exactly the blocks of `selection` ({full module name: block ids}; {} is N_e) for `steps`
     steps from the model's current head and zero deltas, evaluate on `eval_batches`, and restore the model exactly.
 
     The building block of the probes, and of "measure an architecture for real" in benchmarks (with more steps and a
-    `schedule="linear"` decay). `head_lr` defaults to `lr`.
+    `schedule="linear"` decay). `head_lr` defaults to `lr`. `dropout_seed` (a non-negative int) seeds the dropout
+    masks of the training steps; None draws them from torch's global RNG as it stands.
     """
     check_int("steps", steps)
     check_positive_number("lr", lr)
@@ -164,20 +168,43 @@ def measure_selection(
         peft_model.train() if dropout else deterministic_mode(peft_model)
         log = TrainLog((), 0, 0.0)
         if groups:
-            log = train_steps(
-                peft_model, train_batches, params=groups, lr=lr, steps=steps, optimizer=optimizer,
-                weight_decay=weight_decay, schedule=schedule, compute_loss=compute_loss,
-            )
+            with _torch_rng(dropout_seed):
+                log = train_steps(
+                    peft_model, train_batches, params=groups, lr=lr, steps=steps, optimizer=optimizer,
+                    weight_decay=weight_decay, schedule=schedule, compute_loss=compute_loss,
+                )
         loss, accuracy = evaluate(peft_model, eval_batches, compute_loss=compute_loss)
     return SelectionMeasurement(loss, accuracy, log)
 
 
-def _probe_once(peft_model, mftc, adapter, selection, order, train_batches, eval_batches, s: _Settings, counter):
+@contextlib.contextmanager
+def _torch_rng(seed: int | None):
+    """Torch's global RNG (dropout's only source) seeded with `seed` inside, and put back as it was on exit."""
+    if seed is None:
+        yield
+        return
+    check_int("dropout_seed", seed, minimum=0)
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def _dropout_seeds(rng: np.random.Generator):
+    """Torch seeds for the dropout masks, from a spawned child of `rng`: drawing them leaves `rng`'s stream (the batch
+    orders) exactly as it would be without them, so models without dropout select the same as before."""
+    child = rng.spawn(1)[0]
+    while True:
+        yield int(child.integers(2**63 - 1))
+
+
+def _probe_once(peft_model, mftc, adapter, selection, order, train_batches, eval_batches, s: _Settings, counter,
+                dropout_seed: int | None = None):
     """One probe: `measure_selection` on the batches in `order`, counted. Returns (loss, accuracy)."""
     m = measure_selection(
         peft_model, selection, (train_batches[k] for k in order), eval_batches, steps=len(order), lr=s.lr,
         head_lr=s.head_lr, optimizer=s.optimizer, weight_decay=s.weight_decay, dropout=s.dropout,
-        compute_loss=s.compute_loss, adapter_name=adapter,
+        compute_loss=s.compute_loss, adapter_name=adapter, dropout_seed=dropout_seed,
     )
     counter["forward"] += m.train.steps + len(eval_batches)
     counter["backward"] += m.train.steps
@@ -228,9 +255,9 @@ def finetune_probe(
     lr, head_lr, optimizer, weight_decay :
         Optimiser of the probes ("adamw" or "sgd"); `head_lr` defaults to `lr`.
     dropout : bool
-        Train in train mode (dropout on; every probe replays the same global RNG stream) or in eval mode.
+        Train in train mode (dropout on; every candidate of a repeat sees the same masks) or in eval mode.
     seed : int or numpy Generator
-        Source of the batch orders.
+        Source of the batch orders and of the dropout masks.
 
     Cost: probe_repeats x (1 + number of non-"none" candidates) probes of probe_steps forward/backward passes plus
     len(eval_batches) forward passes each; logged at INFO level and returned in `report.budget`.
@@ -239,6 +266,7 @@ def finetune_probe(
                                   optimizer, adapter_name)
     probe_repeats = check_int("probe_repeats", probe_repeats)
     rng = check_rng("seed", seed)
+    dropout_seeds = _dropout_seeds(rng)
     s = _Settings(int(probe_steps), float(lr), float(head_lr or lr), optimizer, weight_decay, bool(dropout),
                   compute_loss)
     keys = list(iter_candidates(space))
@@ -248,13 +276,14 @@ def finetune_probe(
     bar = tqdm(total=probe_repeats * (1 + len(keys)), desc="finetune probe", disable=not progress)
     with preserved_state(peft_model, adapter_name=adapter), bar:
         for r in range(probe_repeats):
-            order = _batch_order(rng, len(train_batches), s.steps)
-            base[r] = _probe_once(peft_model, mftc, adapter, {}, order, train_batches, eval_batches, s, counter)
+            order, masks = _batch_order(rng, len(train_batches), s.steps), next(dropout_seeds)
+            base[r] = _probe_once(peft_model, mftc, adapter, {}, order, train_batches, eval_batches, s, counter,
+                                  masks)
             bar.update(1)
             for k, (i, c) in enumerate(keys):
                 blocks = space.nodes[i].candidates[c].blocks
                 measured[r, k] = _probe_once(peft_model, mftc, adapter, blocks, order, train_batches, eval_batches,
-                                             s, counter)
+                                             s, counter, masks)
                 bar.update(1)
     deltas = measured - base[:, None, :]  # (repeats, candidates, [loss, accuracy]), paired per repeat
     results = [ProbeResult(i, 0, 0.0, 0.0, n_repeats=probe_repeats) for i in range(len(space.nodes))]
@@ -315,6 +344,7 @@ def regression_probe(
         raise ValueError(f"`n_architectures` must be an integer in 2..{total}, got {n_architectures!r}")
     alpha = check_number("alpha", alpha, minimum=0)
     rng = check_rng("seed", seed)
+    masks = next(_dropout_seeds(rng))  # one set of masks for all architectures, as they share one batch order
     s = _Settings(int(probe_steps), float(lr), float(head_lr or lr), optimizer, weight_decay, bool(dropout),
                   compute_loss)
     arch = sample_architectures(counts, int(n_architectures), rng)
@@ -324,7 +354,7 @@ def regression_probe(
     with preserved_state(peft_model, adapter_name=adapter):
         for a, row in enumerate(tqdm(arch, desc="regression probe", disable=not progress)):
             measured[a] = _probe_once(peft_model, mftc, adapter, space.selection(row), order, train_batches,
-                                      eval_batches, s, counter)
+                                      eval_batches, s, counter, masks)
     accuracy = fit_additive_model(arch, measured[:, 1], n_candidates_per_node=counts, alpha=float(alpha))
     loss = fit_additive_model(arch, measured[:, 0], n_candidates_per_node=counts, alpha=float(alpha))
     results = []

@@ -95,6 +95,8 @@ def preserved_state(peft_model: nn.Module, *, adapter_name: str | None = None, i
             else:
                 layer.frozen_peft_weight_names[adapter] = frozen
         config.block_selection = selection
+        for _, layer in layers:
+            layer.record_selection_listed(adapter, bool(selection))
         with torch.no_grad():
             for p, value, requires_grad, grad in params:
                 if value is not None:

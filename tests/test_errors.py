@@ -82,7 +82,7 @@ def test_head_warmup_fields(field, value, rule):
 
 
 def test_seed_must_be_int():
-    with pytest.raises(ValueError, match=r"`seed` must be an integer, got '1'"):
+    with pytest.raises(ValueError, match=r"`seed` must be a non-negative integer, got '1'"):
         MFTCConfig(seed="1")
 
 
@@ -102,7 +102,7 @@ def test_adapter_onto_base_with_other_shapes(tmp_path):
         def forward(self, x):
             return self.fc2(self.fc1(x))
 
-    with pytest.raises(ValueError, match=r"fc1 has a weight of 45 x 24 .*base model whose shapes differ"):
+    with pytest.raises(ValueError, match=r"saved for a 45 x 20 weight .*fc1 is a 45 x 24 weight .*base model whose shapes differ"):
         PeftModel.from_pretrained(WiderMLP(), tmp_path)
 
     class NarrowerMLP(WiderMLP):

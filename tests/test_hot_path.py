@@ -69,5 +69,5 @@ def test_a_checkpoint_with_unsorted_block_ids_is_refused(tmp_path):
     key = next(k for k in tensors if k.endswith("fc1.mftc_idx"))
     tensors[key] = tensors[key].flip(0)  # [2, 0]: the narrow block 2 first
     save_file(tensors, path)
-    with pytest.raises(ValueError, match=r"mftc_idx.default` must hold increasing block ids, got \[2, 0\]"):
+    with pytest.raises(ValueError, match=r"mftc_idx.default block ids must be sorted ascending, got \[2, 0\]"):
         PeftModel.from_pretrained(case.model(), tmp_path)

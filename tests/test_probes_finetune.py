@@ -113,3 +113,23 @@ def test_finetune_probe_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         finetune_probe(model, args.pop("space"), args.pop("train_batches"), args.pop("eval_batches"), **args,
                        progress=False)
+
+
+@pytest.mark.parametrize("probe", [finetune_probe, regression_probe])
+def test_dropout_masks_come_from_the_seed_not_the_global_rng(probe):
+    """Issue 13 item 7: with dropout on, the same `seed` gives the same results whatever torch's global RNG holds, a
+    different seed different ones, and the caller's global RNG state is left as it was."""
+    model = tiny_bert()  # dropout 0.1, in train mode
+    space = tiny_space(model)
+    kwargs = dict(probe_steps=3, lr=1e-2, dropout=True, progress=False)
+
+    def run(global_seed, seed):
+        torch.manual_seed(global_seed)  # test code may seed globally; the library never does
+        state = torch.get_rng_state()
+        report = probe(model, space, token_batches(4, seed=1), token_batches(2, seed=2), seed=seed, **kwargs)
+        assert torch.equal(torch.get_rng_state(), state)
+        return report.results, report.base_loss
+
+    first = run(1, seed=0)
+    assert run(2, seed=0) == first
+    assert run(1, seed=1) != first

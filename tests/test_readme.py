@@ -98,3 +98,10 @@ def test_trainer_snippet_runs_after_the_quick_start(tmp_path, monkeypatch):
     trainer = namespace["trainer"]
     assert trainer.warmup_report is not None and trainer.warmup_report.trainable_elements > 0
     assert trainer.state.global_step == 4  # 32 examples in batches of 8, one epoch
+
+
+def test_the_import_needed_for_loading_is_in_the_introduction():
+    """Issue 13 item 13: PEFT raises a bare `KeyError: 'MFTC'` before any plugin code runs (its config lookup is a plain
+    dict, with no discovery hook), so the remedy must be where users look first: above the first section."""
+    introduction = readme().split("\n## ", 1)[0]
+    assert "`KeyError: 'MFTC'`" in introduction and "`import mftc_peft` first" in introduction

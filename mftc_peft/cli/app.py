@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -21,7 +22,9 @@ import time
 import warnings
 from pathlib import Path
 
+from .. import defaults
 from .data import DEFAULT_SIZES, DataError, file_data, packaged_data
+from .errors import TrainingError
 from .methods import DEFAULT_LR, METHODS
 from .output import (ADAPTER, MANIFEST, METRICS, PLOTS, REPORT, OutputError, check_output_dir, clear_outputs,
                          format_metrics, load_run, write_json)
@@ -56,8 +59,9 @@ def _positive(kind):
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or not value > 0:
-            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got {text!r}")
+        if value is None or not (math.isfinite(value) and value > 0):  # inf would train to NaN and "succeed"
+            rule = "a positive finite number" if kind is float else f"a positive {kind.__name__}"
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
         return value
 
     return parse
@@ -90,9 +94,11 @@ def _add_finetune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-column", default="label", help="column of the labels: integers 0..K-1 or strings "
                    "(default: label)")
     p.add_argument("--method", choices=METHODS, default="mftc", help="adapter to train (default: mftc)")
+    # MFTC's defaults are MFTCConfig's, read from its fields so that the help cannot drift from them.
     p.add_argument("--budget", type=_budget, help="MFTC only: a float in (0, 1] is a share of the target weights, "
-                   "an integer a count of trainable elements (default: the config's 0.03)")
-    p.add_argument("--warmup-steps", type=_positive(int), help="MFTC only: warm-up micro-batches (default: 16)")
+                   f"an integer a count of trainable elements (default: {defaults.BUDGET})")
+    p.add_argument("--warmup-steps", type=_positive(int),
+                   help=f"MFTC only: warm-up micro-batches (default: {defaults.WARMUP_STEPS})")
     p.add_argument("--epochs", type=_positive(int), default=3, help="training epochs (default: 3)")
     p.add_argument("--lr", type=_positive(float),
                    help=f"learning rate (defaults: {lr_defaults}; defaults, not tuned for your dataset)")
@@ -283,7 +289,7 @@ def main(argv=None) -> int:
     try:
         with _cli_logging():
             return COMMANDS[args.command](args)
-    except (DataError, ModelError, OutputError) as error:
+    except (DataError, ModelError, OutputError, TrainingError) as error:
         print(f"mftc-peft {args.command}: error: {error}", file=sys.stderr)
         return USAGE_ERROR
 

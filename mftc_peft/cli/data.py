@@ -8,6 +8,7 @@ mapping comes from the training file, and an evaluation label that training neve
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import numbers
@@ -87,6 +88,7 @@ def file_data(train_file: Path, eval_file: Path | None, *, text_column: str, lab
     train = _encode(train_rows, mapping, train_file)
     if eval_file is None and len(train) < 2:
         raise DataError(f"file {train_file}: needs at least 2 rows to hold some out for testing (or pass --eval-file)")
+    _check_two_classes(train, names, train_file, label_column)
     order = np.random.default_rng(seed).permutation(len(train))
     pick = lambda rows: Split([train.texts[i] for i in rows], [train.labels[i] for i in rows])  # noqa: E731
     n_test = 0 if eval_file is not None else max(1, int(round(HELD_OUT_SHARE * len(train))))
@@ -102,6 +104,16 @@ def file_data(train_file: Path, eval_file: Path | None, *, text_column: str, lab
 def validation_size(n_rows: int) -> int:
     """Rows of `n_rows` held out for validation: `VALIDATION_SHARE` of them, but at least one row keeps training."""
     return min(int(round(VALIDATION_SHARE * n_rows)), n_rows - 1)
+
+
+def _check_two_classes(train: Split, names: list, path: Path, label_column: str) -> None:
+    """One class leaves nothing to learn, and its one-label cross-entropy is 0: the warm-up would see no gradient."""
+    if len(set(train.labels)) < 2:
+        raise DataError(
+            f"file {path}: every label in column {label_column!r} is {names[train.labels[0]]!r} (one class); a "
+            "classifier needs at least 2 classes in the training data (check --label-column, or add examples of the "
+            "other classes)"
+        )
 
 
 @dataclass(frozen=True)
@@ -128,43 +140,62 @@ def read_rows(path: Path, text_column: str, label_column: str) -> list[Row]:
     return rows
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text, with or without a byte-order mark (spreadsheet programs write one)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise DataError(
+            f"file {path}, line {line}: must be UTF-8 text, got byte {data[error.start]:#04x} (save the file as "
+            "UTF-8, e.g. 'CSV UTF-8' in a spreadsheet program)"
+        ) from None
+
+
 def _csv_rows(path: Path, text_column: str, label_column: str) -> list[Row]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames
-        if not columns:
-            raise DataError(f"file {path}: is empty (no header line)")
-        for column, option in ((text_column, "--text-column"), (label_column, "--label-column")):
-            if column not in columns:
-                raise DataError(
-                    f"file {path}: no column {column!r} (columns: {', '.join(columns)}); set {option}"
-                )
-        rows = []
-        for record in reader:
-            text, label = record.get(text_column), record.get(label_column)
-            rows.append(_row(path, reader.line_num, text, None if label in (None, "") else label.strip()))
-        return rows
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    try:
+        return _csv_records(path, reader, text_column, label_column)
+    except csv.Error as error:  # e.g. a field over csv's limit of 131,072 characters
+        # `line_num` counts the lines of the records read so far; the failing record starts on the next one.
+        raise DataError(f"file {path}, line {reader.line_num + 1}: not valid CSV ({error})") from None
+
+
+def _csv_records(path: Path, reader: csv.DictReader, text_column: str, label_column: str) -> list[Row]:
+    columns = reader.fieldnames
+    if not columns:
+        raise DataError(f"file {path}: is empty (no header line)")
+    for column, option in ((text_column, "--text-column"), (label_column, "--label-column")):
+        if column not in columns:
+            raise DataError(
+                f"file {path}: no column {column!r} (columns: {', '.join(columns)}); set {option}"
+            )
+    rows = []
+    for record in reader:
+        text, label = record.get(text_column), record.get(label_column)
+        rows.append(_row(path, reader.line_num, text, None if label in (None, "") else label.strip()))
+    return rows
 
 
 def _jsonl_rows(path: Path, text_column: str, label_column: str) -> list[Row]:
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"file {path}, line {line_number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"file {path}, line {line_number}: must be a JSON object, got {record!r:.60}")
-            for column, option in ((text_column, "--text-column"), (label_column, "--label-column")):
-                if column not in record:
-                    raise DataError(
-                        f"file {path}, line {line_number}: no column {column!r} (keys: {', '.join(record)}); "
-                        f"set {option}"
-                    )
-            rows.append(_row(path, line_number, record[text_column], record[label_column]))
+    for line_number, line in enumerate(_read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"file {path}, line {line_number}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"file {path}, line {line_number}: must be a JSON object, got {record!r:.60}")
+        for column, option in ((text_column, "--text-column"), (label_column, "--label-column")):
+            if column not in record:
+                raise DataError(
+                    f"file {path}, line {line_number}: no column {column!r} (keys: {', '.join(record)}); "
+                    f"set {option}"
+                )
+        rows.append(_row(path, line_number, record[text_column], record[label_column]))
     return rows
 
 

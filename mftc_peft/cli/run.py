@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..training import encode_texts, evaluate, iterate_batches, make_batches, n_examples, train_steps
 from .data import TaskData
+from .errors import TrainingError
 from .methods import Adapter, build_adapter, count_parameters
 from .model_folder import load_model
 
@@ -103,6 +104,7 @@ def _finetune(data: TaskData, settings: RunSettings) -> RunResult:
         report = warmup(adapter.model, batches, progress=settings.progress)
         warmup_seconds = report.timings.get("total", 0.0)
     history, losses, train_seconds = _train(adapter, train, validation, settings, steps_per_epoch)
+    _check_converging(losses, settings.lr)
     test_loss, test_accuracy = evaluate(adapter.model, make_batches(test, settings.batch_size))
     metrics = {
         "method": settings.method, "test_accuracy": test_accuracy, "test_loss": test_loss,
@@ -114,6 +116,16 @@ def _finetune(data: TaskData, settings: RunSettings) -> RunResult:
         "total_seconds": time.perf_counter() - start, "validation": history,
     }
     return RunResult(adapter.model, metrics, report, history)
+
+
+def _check_converging(losses: list[float], lr: float) -> None:
+    """A non-finite training loss means the run diverged: fail rather than write NaN metrics and an adapter."""
+    bad = next((step for step, loss in enumerate(losses) if not math.isfinite(loss)), None)
+    if bad is not None:
+        raise TrainingError(
+            f"training diverged: the loss was {losses[bad]} at step {bad + 1} of {len(losses)} with --lr {lr:g}; "
+            "lower --lr (nothing was written)"
+        )
 
 
 def _train(adapter: Adapter, train, validation, settings: RunSettings, steps_per_epoch: int):
