@@ -10,6 +10,7 @@ callback waits until that import is complete, since it would otherwise re-enter 
 from __future__ import annotations
 
 import sys
+import warnings
 
 
 class _CountingLoader:
@@ -29,7 +30,8 @@ class _CountingLoader:
             self._hook.in_flight -= 1
             # The wrapper was only needed during the import: resource readers etc. expect the real loader.
             module.__loader__ = module.__spec__.loader = self._loader
-        self._hook.fire_if_ready()
+            # Also when the import failed: PEFT may be fully imported by then, and `import peft` will not run again.
+            self._hook.fire_if_ready()
 
     def __getattr__(self, name):
         return getattr(self._loader, name)
@@ -59,7 +61,12 @@ class _WhenImported:
         self.fired = True
         if self in sys.meta_path:
             sys.meta_path.remove(self)
-        self.callback()
+        try:
+            self.callback()
+        except Exception as error:  # noqa: BLE001
+            # Raised inside someone's `import peft`, it would make that import fail: warn instead. The same error
+            # is raised again where the package's names are first used (`mftc_peft.__getattr__` loads them).
+            warnings.warn(f"mftc_peft could not finish loading when PEFT was imported: {error!r}", ImportWarning)
 
 
 def when_imported(trigger: str, package: str, callback) -> None:
@@ -68,4 +75,4 @@ def when_imported(trigger: str, package: str, callback) -> None:
     if trigger in sys.modules:
         hook.fire_if_ready()
     else:
-        sys.meta_path.insert(0, hook)
+        sys.meta_path.insert(0, hook)  # first: it must wrap the loaders before another finder returns them

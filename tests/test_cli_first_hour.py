@@ -163,3 +163,17 @@ def test_the_readme_quick_look_ends_above_the_majority_share(tmp_path, monkeypat
     majority = max(test_labels.count(0), test_labels.count(1)) / len(test_labels)
     assert metrics["test_examples"] == 256 and majority == pytest.approx(0.586, abs=1e-3)
     assert metrics["test_accuracy"] >= majority + 0.05, metrics  # 0.727 measured
+
+
+def test_a_failed_submodule_import_after_peft_still_registers_the_tuner(tmp_path):
+    """The hook fires when the outermost import of a package module ends, also when that import raised: PEFT is
+    fully imported by then and `import peft` will not run again."""
+    (tmp_path / "broken_for_test.py").write_text("import peft\nraise RuntimeError('broken after importing peft')\n")
+    code = (
+        "import sys, mftc_peft\n"
+        f"mftc_peft.__path__.append({str(tmp_path)!r})\n"
+        "try:\n    import mftc_peft.broken_for_test\nexcept RuntimeError:\n    pass\n"
+        "from peft.utils.peft_types import PeftType\n"
+        "assert hasattr(PeftType, 'MFTC'), 'not registered'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=os.environ | {"HF_HUB_OFFLINE": "1"})
