@@ -331,3 +331,13 @@ def test_help_defaults_are_the_configs():
     defaults = {f.name: f.default for f in dataclasses.fields(MFTCConfig)}
     assert f"warm-up micro-batches (default: {defaults['warmup_steps']})" in text
     assert f"trainable elements (default: {defaults['budget']})" in text
+
+
+def test_cli_rejects_a_training_part_of_one_class(tmp_path, monkeypatch, capsys):
+    """Two classes in the file, one left to train on after the held-out rows and --max-train-samples."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "two.csv"
+    path.write_text("text,label\n" + "".join(f"row {i},{'pos' if i % 2 else 'neg'}\n" for i in range(10)))
+    line = _cli_error(capsys, "finetune", "--train-file", path, "--max-train-samples", "1")
+    assert line.startswith("mftc-peft finetune: error: ") and "training rows left after holding out" in line
+    assert "are all of class" in line and "--max-train-samples" in line

@@ -142,6 +142,7 @@ def run_finetune(args) -> int:
         data = file_data(args.train_file, args.eval_file, text_column=args.text_column,
                          label_column=args.label_column, seed=args.seed)
     data = data.capped(args.max_train_samples, args.max_eval_samples)
+    data.check_training_classes()
     model_dir = args.model if args.model is not None else assets.minilm_dir()
     check_model_dir(model_dir)
     # torch, transformers and PEFT (seconds to import) only once the arguments and files are known to be good.

@@ -57,6 +57,16 @@ class TaskData:
     def num_labels(self) -> int:
         return len(self.label_names)
 
+    def check_training_classes(self) -> None:
+        """The file check (`_check_two_classes`) sees every row; the split and `--max-train-samples` can still leave
+        the training part with one class, and then the warm-up sees no gradient."""
+        if len(set(self.train.labels)) < 2:
+            raise DataError(
+                f"{self.source}: the {len(self.train)} training rows left after holding out validation / test rows "
+                f"(and --max-train-samples) are all of class {self.label_names[self.train.labels[0]]!r}; use more "
+                "rows, a larger --max-train-samples or another --seed"
+            )
+
     def capped(self, max_train: int | None, max_eval: int | None) -> "TaskData":
         """The first `max_train` training and `max_eval` test / validation examples (None: all)."""
         validation = self.validation.head(max_eval) if self.validation is not None else None
