@@ -89,13 +89,15 @@ class MFTCLayer(BaseTunerLayer):
         self.mftc_delta[adapter_name] = nn.Parameter(delta)
         self.mftc_idx[adapter_name] = torch.tensor(ids, dtype=torch.int32)  # int32: half the bytes on disk
         self.mftc_geometry[adapter_name] = grid_geometry(grid)
+        scale = None
         if scale_of is None:
             if adapter_name in self.mftc_scale:
                 del self.mftc_scale[adapter_name]
         else:
             per_block = torch.tensor([float(scale_of[b]) for b in ids], dtype=torch.float32)
             widths = torch.tensor(grid.widths(ids), dtype=torch.long)
-            self.mftc_scale[adapter_name] = per_block.repeat_interleave(widths)  # (lines,)
+            scale = per_block.repeat_interleave(widths)  # (lines,)
+            self.mftc_scale[adapter_name] = scale
         if n_lines:
             self.frozen_peft_weight_names.pop(adapter_name, None)
         else:
@@ -106,15 +108,17 @@ class MFTCLayer(BaseTunerLayer):
             # PEFT upcasts a new adapter once, after injecting it (`autocast_adapter_dtype`, fp32 on a bf16 base); a
             # delta re-created later (warm-up, set_block_selection, a checkpoint's shapes) keeps the dtype that cast
             # or the user gave the old one, where the move above would give it the base's.
-            self._set_adapter_dtype(adapter_name, delta, kept_dtype)
+            self._set_adapter_dtype(adapter_name, delta, scale, kept_dtype)
         self.set_adapter(self.active_adapters)
 
-    def _set_adapter_dtype(self, adapter_name: str, delta: torch.Tensor, dtype: torch.dtype) -> None:
-        """The adapter's delta (from its unrounded values `delta`) and step scales in `dtype`, on their device."""
+    def _set_adapter_dtype(self, adapter_name: str, delta: torch.Tensor, scale: torch.Tensor | None,
+                           dtype: torch.dtype) -> None:
+        """The adapter's delta and step scales in `dtype`, on their device, from their unrounded values (the move to
+        a bf16 base's device has rounded the copies it holds)."""
         device = self.mftc_delta[adapter_name].device
         self.mftc_delta[adapter_name] = nn.Parameter(delta.to(device=device, dtype=dtype))
-        if adapter_name in self.mftc_scale:
-            self.mftc_scale[adapter_name] = self.mftc_scale[adapter_name].to(dtype)
+        if scale is not None:
+            self.mftc_scale[adapter_name] = scale.to(device=device, dtype=dtype)
 
     def swap_blocks(self, adapter_name: str, drop: Sequence[int], grow: Sequence[int]) -> torch.Tensor:
         """Replace selected blocks `drop` by unselected blocks `grow` of the same width, in place: the delta keeps its
@@ -223,7 +227,7 @@ class MFTCLayer(BaseTunerLayer):
         for adapter_name in names:
             positions = self._positions(adapter_name).to(weight.device)
             new_lines = self._merged_lines(weight, adapter_name, positions)
-            if not torch.isfinite(new_lines).all():
+            if not torch.isfinite(new_lines.to(weight.dtype)).all():  # as written: fp32 sums can overflow fp16
                 return adapter_name
             self._write_lines(weight, adapter_name, positions, new_lines)
         return None
@@ -341,7 +345,8 @@ class Linear(nn.Module, MFTCLayer):
             scale = tensors["scale"]
             if scale is not None and (adapter_name not in self.mftc_scale or
                                       self.mftc_scale[adapter_name].shape != scale.shape):
-                self.mftc_scale[adapter_name] = torch.ones(scale.shape, device=self.mftc_idx[adapter_name].device)
+                delta = self.mftc_delta[adapter_name]
+                self.mftc_scale[adapter_name] = torch.ones(scale.shape, device=delta.device, dtype=delta.dtype)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
     def _resize_to_checkpoint(self, adapter_name: str, ids: list[int]) -> None:

@@ -63,6 +63,28 @@ def test_step_scales_follow_the_delta_dtype():
     assert scales and {s.dtype for s in scales} == {torch.float32}
 
 
+def test_step_scales_keep_their_unrounded_values_on_a_bf16_base():
+    model = explicit_model(torch.bfloat16, autocast_adapter_dtype=True)
+    name, layer = next((n, m) for n, m in model.base_model.mftc_layers() if m.mftc_delta["default"].numel())
+    ids = layer.block_ids("default")
+    model.peft_config["default"].step_scale = "energy"
+    model.base_model.set_block_selection({name: ids}, step_scales={name: [0.7371] * len(ids)})
+    scale = layer.mftc_scale["default"]
+    assert scale.dtype == torch.float32 and torch.all(scale == torch.tensor(0.7371))  # bf16 would give 0.73828125
+
+
+def test_safe_merge_checks_the_sum_as_written_in_the_base_dtype():
+    """On an fp16 base a finite fp32 sum can overflow when written: safe_merge must refuse it and write nothing."""
+    model = explicit_model(torch.float16, autocast_adapter_dtype=True)
+    layer = next(m for m in layers(model) if m.mftc_delta["default"].numel())
+    with torch.no_grad():
+        layer.mftc_delta["default"].fill_(1e5)  # finite in fp32, past fp16's 65504
+    before = layer.base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="NaNs detected"):
+        model.merge_adapter(safe_merge=True)
+    assert torch.equal(layer.base_layer.weight, before)
+
+
 def test_a_step_too_small_for_bf16_still_changes_the_delta():
     model = warm_model(torch.bfloat16).train()
     trained = deltas(model)
