@@ -27,7 +27,7 @@ from .measure import weight_gradients_only
 from .model import mftc_tuner
 from .signatures import SignatureCollector
 from .state import adapter_name_of, preserved_state
-from .training import loss_and_outputs
+from .training import deterministic_mode, loss_and_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _energy_per_element(peft_model, layers, adapter_name, batches, compute_loss)
     with preserved_state(peft_model, adapter_name=adapter_name):
         targets = weight_gradients_only(peft_model, layers, grids)
         collector = SignatureCollector(targets, kind="energy", window=max(2, len(batches)))
-        with collector:
+        with collector, deterministic_mode(peft_model):
             for batch in batches:
                 loss, _ = loss_and_outputs(peft_model, batch, compute_loss)
                 if torch.isfinite(loss):

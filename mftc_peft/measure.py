@@ -145,8 +145,7 @@ def _fit_head(run: WarmupRun, batches: list[dict]) -> None:
     for param in head:
         param.requires_grad_(True)
     optimizer = torch.optim.Adam(head, lr=run.config.head_warmup_lr)
-    deterministic_mode(run.peft_model)
-    with run.timed("head"):
+    with run.timed("head"), deterministic_mode(run.peft_model):
         for step in range(run.config.head_warmup_steps):
             loss = run.loss(batches[step % len(batches)])
             if torch.isfinite(loss):
@@ -156,9 +155,8 @@ def _fit_head(run: WarmupRun, batches: list[dict]) -> None:
 
 
 def weight_gradients_only(peft_model, layers: dict, grids: dict) -> dict:
-    """Make the adapted base weights the only tensors that require grad and put the model in eval mode (so the
-    measurement is deterministic; checkpointed layers still checkpoint, `deterministic_mode`); returns the `SignatureCollector` targets. The caller restores the model's state
-    (`preserved_state`)."""
+    """Make the adapted base weights the only tensors that require grad; returns the `SignatureCollector` targets.
+    The caller runs the passes under `deterministic_mode` and restores the model's state (`preserved_state`)."""
     for param in peft_model.parameters():
         param.requires_grad_(False)
     targets = {
@@ -166,7 +164,6 @@ def weight_gradients_only(peft_model, layers: dict, grids: dict) -> dict:
     }
     for weight, _, _ in targets.values():
         weight.requires_grad_(True)
-    deterministic_mode(peft_model)
     return targets
 
 
@@ -190,7 +187,7 @@ def _collect(run: WarmupRun, layers: dict, grids: dict, batches: list[dict]):
         keep_history=config.probe == "taylor",
     )
     folded_at_update = 0  # micro-batches folded in at the last DSCA update: no update without new ones
-    with collector:
+    with collector, deterministic_mode(run.peft_model):
         for step, batch in enumerate(tqdm(batches, desc="MFTC warm-up", disable=not run.progress, leave=False)):
             with run.timed("signatures"):
                 loss = run.loss(batch)

@@ -165,10 +165,12 @@ def measure_selection(
         for p in head + deltas:
             p.requires_grad_(True)
         groups = [g for g in ({"params": head, "lr": head_lr or lr}, {"params": deltas, "lr": lr}) if g["params"]]
-        peft_model.train() if dropout else deterministic_mode(peft_model)
+        if dropout:
+            peft_model.train()
         log = TrainLog((), 0, 0.0)
         if groups:
-            with _torch_rng(dropout_seed):
+            mode = contextlib.nullcontext() if dropout else deterministic_mode(peft_model)
+            with _torch_rng(dropout_seed), mode:
                 log = train_steps(
                     peft_model, train_batches, params=groups, lr=lr, steps=steps, optimizer=optimizer,
                     weight_decay=weight_decay, schedule=schedule, compute_loss=compute_loss,

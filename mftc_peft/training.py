@@ -10,6 +10,7 @@ come from `outputs.loss` or a `compute_loss(model, batch)` callable.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -163,16 +164,38 @@ def eval_mode(model: nn.Module):
             module.training = training
 
 
-def deterministic_mode(model: nn.Module) -> nn.Module:
-    """Eval mode (no dropout: a measurement is deterministic) that keeps activation checkpointing: transformers
-    checkpoints a layer only while that layer's own `training` flag is on, so the flag stays on for exactly those layers
-    with checkpointing enabled (their submodules, dropout included, stay in eval mode); otherwise the warm-up's
-    backward passes would hold every activation that training, checkpointed, does not. The caller restores the flags."""
-    model.eval()
-    for module in model.modules():
-        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
-            module.training = True
-    return model
+@contextlib.contextmanager
+def deterministic_mode(model: nn.Module):
+    """Eval mode for the duration (no dropout: a measurement is deterministic) that keeps activation checkpointing.
+
+    transformers checkpoints a layer only while the layer's own `training` flag is on, and many layers also read that
+    flag for their functional dropout, so the flag cannot do both: the layers with checkpointing enabled stay in eval
+    mode and get an instance-level `forward` that checkpoints the class's unwrapped forward. Otherwise the warm-up's
+    backward passes would hold every activation that training, checkpointed, does not. Modes and forwards are put
+    back on exit."""
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    with eval_mode(model):
+        for layer in layers:
+            layer.forward = functools.partial(_checkpointed_forward, layer)
+        try:
+            yield model
+        finally:
+            for layer in layers:
+                del layer.forward
+
+
+def _checkpointed_forward(layer: nn.Module, *args, **kwargs):
+    """What transformers' checkpointing wrapper does in training mode, whatever the layer's `training` flag."""
+    forward = type(layer).forward
+    forward = getattr(forward, "__wrapped__", forward)  # the class's own forward, under transformers' wrapper
+    if not torch.is_grad_enabled():
+        return forward(layer, *args, **kwargs)
+    # As the wrapper does: a cache written during the forward would be written again by the backward's replay.
+    if kwargs.get("use_cache"):
+        kwargs["use_cache"] = False
+    if not getattr(layer, "_can_checkpoint_with_cache", False):
+        kwargs.update({key: None for key in ("cache", "layer_past") if kwargs.get(key) is not None})
+    return layer._gradient_checkpointing_func(functools.partial(forward, layer, **kwargs), *args)
 
 
 def evaluate(

@@ -134,3 +134,35 @@ def test_mftc_trainer_with_gradient_checkpointing(tmp_path, case_name, inner_cal
     assert checkpointed.warmup_report.selection
     assert len(losses) == len(plain_losses) == 3
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain_losses), rtol=1e-4, atol=1e-5)
+
+
+def test_deterministic_mode_keeps_a_layers_own_dropout_off_while_it_checkpoints():
+    """BART-style layers apply dropout with their own `training` flag (`F.dropout(..., training=self.training)`), the
+    flag transformers also reads to checkpoint: the measurement must neither drop out nor stop checkpointing."""
+    from transformers import BartConfig, BartForSequenceClassification
+
+    from mftc_peft.training import deterministic_mode
+
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+                        dropout=0.5, num_labels=2)
+    model = BartForSequenceClassification(config)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = torch.randint(3, VOCAB, (2, 7))
+    ids[:, -1] = config.eos_token_id
+    layer = model.model.encoder.layers[0]
+    fc1_calls = []
+    layer.fc1.register_forward_hook(lambda *_: fc1_calls.append(1))
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids).logits
+    model.train()
+    with deterministic_mode(model):
+        first = model(input_ids=ids).logits
+        second = model(input_ids=ids).logits
+        fc1_calls.clear()
+        first.sum().backward()
+    assert torch.equal(first, second) and torch.allclose(first, expected, atol=1e-6)  # no dropout
+    assert len(fc1_calls) == 1  # the backward recomputed the layer: it was checkpointed
+    assert model.training and layer.training and "forward" not in vars(layer)  # all put back
