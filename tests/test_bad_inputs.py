@@ -317,11 +317,13 @@ def test_diverging_training_fails_and_writes_nothing(tmp_path, capsys):
     """Item 6: a finite but huge learning rate trains to a NaN loss; the run must not 'succeed'."""
     out = tmp_path / "run"
     code = app.main(["finetune", "--method", "lora", "--lr", "1e30", "--max-train-samples", "16",
-                     "--max-eval-samples", "8", "--batch-size", "8", "--max-length", "16", "--epochs", "1",
+                     "--max-eval-samples", "8", "--batch-size", "8", "--max-length", "16", "--epochs", "4",
                      "--no-progress", "--output-dir", str(out)])
-    line = capsys.readouterr().err.strip().splitlines()[-1]  # transformers may print a loading bar first
-    assert code == 2 and "training diverged: the loss was nan at step" in line and "lower --lr" in line
-    assert not out.exists()
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]  # transformers may print a loading bar first
+    assert code == 2 and "training diverged: the loss was nan at step" in line and "of 8 with" in line
+    assert "lower --lr" in line and not out.exists()
+    assert "epoch 4: validation" not in err  # it stopped at the first non-finite loss, not after all 8 steps
 
 
 def test_help_defaults_are_the_configs():

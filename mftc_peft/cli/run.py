@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from .. import defaults
 from ..training import encode_texts, evaluate, iterate_batches, make_batches, n_examples, train_steps
 from .data import TaskData
 from .errors import TrainingError
@@ -56,9 +57,7 @@ def plan_line(settings: RunSettings, n_train: int) -> str:
     steps_per_epoch = math.ceil(n_train / settings.batch_size)
     warmup = ""
     if settings.method == "mftc":
-        from ..config import MFTCConfig
-
-        n_warmup = settings.warmup_steps or MFTCConfig.__dataclass_fields__["warmup_steps"].default
+        n_warmup = settings.warmup_steps or defaults.WARMUP_STEPS
         warmup = f"warm-up {n_warmup} batches, then "
     total = settings.epochs * steps_per_epoch
     eta = f"; an ETA follows after {ETA_AFTER_STEPS} steps" if total > ETA_AFTER_STEPS else ""
@@ -104,7 +103,6 @@ def _finetune(data: TaskData, settings: RunSettings) -> RunResult:
         report = warmup(adapter.model, batches, progress=settings.progress)
         warmup_seconds = report.timings.get("total", 0.0)
     history, losses, train_seconds = _train(adapter, train, validation, settings, steps_per_epoch)
-    _check_converging(losses, settings.lr)
     test_loss, test_accuracy = evaluate(adapter.model, make_batches(test, settings.batch_size))
     metrics = {
         "method": settings.method, "test_accuracy": test_accuracy, "test_loss": test_loss,
@@ -118,12 +116,12 @@ def _finetune(data: TaskData, settings: RunSettings) -> RunResult:
     return RunResult(adapter.model, metrics, report, history)
 
 
-def _check_converging(losses: list[float], lr: float) -> None:
-    """A non-finite training loss means the run diverged: fail rather than write NaN metrics and an adapter."""
-    bad = next((step for step, loss in enumerate(losses) if not math.isfinite(loss)), None)
-    if bad is not None:
+def _check_converging(step: int, loss: float, total: int, lr: float) -> None:
+    """A non-finite training loss means the run diverged: stop at once rather than train on and write NaN metrics
+    and an adapter."""
+    if not math.isfinite(loss):
         raise TrainingError(
-            f"training diverged: the loss was {losses[bad]} at step {bad + 1} of {len(losses)} with --lr {lr:g}; "
+            f"training diverged: the loss was {loss} at step {step + 1} of {total} with --lr {lr:g}; "
             "lower --lr (nothing was written)"
         )
 
@@ -138,6 +136,7 @@ def _train(adapter: Adapter, train, validation, settings: RunSettings, steps_per
 
     def on_step(step: int, loss: float) -> None:
         nonlocal validation_seconds
+        _check_converging(step, loss, total, settings.lr)
         epoch = step // steps_per_epoch + 1
         bar.update(1)
         bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
