@@ -186,8 +186,10 @@ def _torch_rng(seed: int | None):
         yield
         return
     check_int("dropout_seed", seed, minimum=0)
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
+    # torch.manual_seed also seeds every CUDA device (lazily if CUDA is not initialised yet), so their states are
+    # forked too: the caller's CUDA RNG must come back as it was, like the CPU one.
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
 
