@@ -126,7 +126,7 @@ def sweep_table(records: list[dict], task: str) -> list[str]:
         runs = sorted((r for r in sweep if r["method"] == method), key=lambda r: r["lr"])
         if runs:
             cells = ", ".join(
-                f"{r['lr']:g} -> {r[f'val_' + r['metric']]:.4f}" if r.get("status") == "ok"
+                f"{r['lr']:g} -> {r['val_' + r['metric']]:.4f}" if r.get("status") == "ok"
                 else f"{r['lr']:g} -> {r.get('status')}" for r in runs)
             lines.append(f"| {method} | {cells} | {picks.get(method, 'n/a')} |")
     return lines

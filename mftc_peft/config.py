@@ -92,7 +92,8 @@ class MFTCConfig(PeftConfig):
         },
     )
     warmup_steps: int = field(
-        default=defaults.WARMUP_STEPS, metadata={"help": "Micro-batches (forward + backward, no optimiser step) the warm-up measures."}
+        default=defaults.WARMUP_STEPS,
+        metadata={"help": "Micro-batches (forward + backward, no optimiser step) the warm-up measures."},
     )
     head_warmup_steps: int = field(
         default=0,

@@ -5,10 +5,10 @@ paper's time-varying module library B(t); SpIEL drops small updates and regrows 
 layers). `reselect_blocks` measures the current per-block gradient energy of every block of the adapted weights on a
 few batches (the warm-up's own hooks), then per weight swaps up to `fraction` of its full-width selected blocks: the
 ones whose applied change is smallest (mean squared delta times its step scale, per element) out, the unselected
-ones with the largest gradient energy per element in, only where the newcomer's energy beats the dropped block's. Swaps stay inside a weight and
-between blocks of the same width, so the delta keeps its shape and Parameter object: the trainable count never
-changes, every optimiser stays valid, and the adapter can be saved, loaded or merged at any step. The optimiser
-state of the swapped-in lines starts fresh (zero), the kept lines' state moves with them.
+ones with the largest gradient energy per element in, only where the newcomer's energy beats the dropped block's.
+Swaps stay inside a weight and between blocks of the same width, so the delta keeps its shape and Parameter object:
+the trainable count never changes, every optimiser stays valid, and the adapter can be saved, loaded or merged at any
+step. The optimiser state of the swapped-in lines starts fresh (zero), the kept lines' state moves with them.
 """
 
 from __future__ import annotations

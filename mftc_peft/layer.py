@@ -179,7 +179,8 @@ class MFTCLayer(BaseTunerLayer):
         offsets = torch.arange(grid.width, device=ids.device)
         positions = (ids[:, None] * grid.width + offsets).flatten()
         # Only the last block can be narrower, and ids are sorted, so the positions past the end are the trailing
-        # ones: slice them off by the delta's line count (a host int), not by a mask (a device-to-host sync per forward).
+        # ones: slice them off by the delta's line count (a host int), not by a mask (a device-to-host sync per
+        # forward).
         return positions[: self.mftc_delta[adapter_name].shape[0]]
 
     # ----- forward ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""DSCA on planted structure: recovery (exact and pynndescent paths), tracking, eigensolver oracle, determinism, errors."""
+"""DSCA on planted structure: recovery (exact and pynndescent paths), tracking, eigensolver oracle, determinism,
+errors."""
 
 
 import logging

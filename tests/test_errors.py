@@ -102,7 +102,8 @@ def test_adapter_onto_base_with_other_shapes(tmp_path):
         def forward(self, x):
             return self.fc2(self.fc1(x))
 
-    with pytest.raises(ValueError, match=r"saved for a 45 x 20 weight .*fc1 is a 45 x 24 weight .*base model whose shapes differ"):
+    with pytest.raises(ValueError, match=r"saved for a 45 x 20 weight .*fc1 is a 45 x 24 weight "
+                                         r".*base model whose shapes differ"):
         PeftModel.from_pretrained(WiderMLP(), tmp_path)
 
     class NarrowerMLP(WiderMLP):

@@ -1,5 +1,6 @@
 """Reduced-precision bases: PEFT's convention (trainable deltas in fp32 on a bf16/fp16 base unless
-`autocast_adapter_dtype=False`) on every path that creates a delta, forward in the input's dtype, exact merge/unmerge."""
+`autocast_adapter_dtype=False`) on every path that creates a delta, forward in the input's dtype, exact
+merge/unmerge."""
 
 from __future__ import annotations
 
