@@ -283,6 +283,8 @@ def train_steps(
 
     Each step: loss (+ `hooks.extra_loss()`) -> backward -> `hooks.after_backward()` -> optimiser step ->
     `hooks.after_step(step)` -> `zero_grad(set_to_none=True)` -> scheduler step -> `on_step(step, loss)`.
+    The losses stay on the device until the end, so a step never waits for the host; `on_step` takes the loss as a
+    float, which does wait on a GPU: pass it only when a per-step readout (a progress bar) is worth that.
 
     `params` (tensors or param-group dicts; None: every parameter of `model` that requires gradients) are what the
     optimiser updates; which parameters receive gradients is up to their `requires_grad` flags. `optimizer` is
