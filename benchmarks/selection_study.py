@@ -94,8 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # The decision length (189 steps): MFTC's default collapsed at 2e-2 at 64 steps, so its bracket is the blocks' one;
 # LoRA collapsed at 4e-3 on seed 0 (0.571; that scouting run is in selection_study_scouting.jsonl) and was best at
-# 1e-3, so its bracket moved one step down.
-PROFILE_BRACKETS = {"lab_long": {"default": (2e-3, 5e-3, 1e-2), "lora": (5e-4, 1e-3, 2e-3)}}
+# 1e-3, so its bracket moved one step down. Both block methods then picked 2e-3, the bottom: extended to 1e-3.
+LONG_BLOCKS = (1e-3, 2e-3, 5e-3, 1e-2)
+PROFILE_BRACKETS = {"lab_long": {"default": LONG_BLOCKS, "random_blocks": LONG_BLOCKS, "lora": (5e-4, 1e-3, 2e-3)}}
 
 
 def bracket(args, name: str) -> tuple[float, ...]:

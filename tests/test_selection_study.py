@@ -109,9 +109,9 @@ def test_a_profile_bracket_overrides_the_task_bracket_and_lr_overrides_both():
     import selection_study
 
     long = selection_study.parse_args(["--profile", "lab_long", "--variants", "default,lora"])
-    assert selection_study.bracket(long, "default") == (2e-3, 5e-3, 1e-2)
+    assert selection_study.bracket(long, "default") == (1e-3, 2e-3, 5e-3, 1e-2)
     assert selection_study.bracket(long, "lora") == (5e-4, 1e-3, 2e-3)
-    assert selection_study.bracket(long, "random_blocks") == selection_study.DEFAULT_BRACKET["cls"]
+    assert selection_study.bracket(long, "proportional_top") == selection_study.DEFAULT_BRACKET["cls"]
     short = selection_study.parse_args(["--variants", "default"])
     assert selection_study.bracket(short, "default") == selection_study.BRACKETS["cls"]["default"]
     assert selection_study.bracket(selection_study.parse_args(["--lr", "1e-3"]), "default") == (1e-3,)
