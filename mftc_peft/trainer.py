@@ -4,12 +4,18 @@ The optimiser therefore holds exactly the selected deltas. The selection is part
 checkpoint carries it; resuming loads it from the checkpoint and does not warm up again. Spectral coordination
 (`spectral_filter`, `spectral_reg` in the config) is applied on every step when set, dynamic selection
 (`reselect_every`) every K steps.
+
+Supported: a single device, DDP (`torchrun` or `accelerate launch --multi_gpu`) and gradient checkpointing. FSDP and
+DeepSpeed are refused at construction. Both are untested, and the warm-up re-creates the deltas with data-dependent
+shapes inside `create_optimizer`: FSDP1 calls it after flattening the parameters into its own, and DeepSpeed with an
+optimiser in its config builds that optimiser from the trainable parameters listed before the warm-up.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 
 from transformers import Trainer, TrainerCallback
 
@@ -19,6 +25,32 @@ from .spectral import SpectralCoordinator
 from .warmup import warmup
 
 logger = logging.getLogger(__name__)
+
+SUPPORTED = "a single device, DDP and gradient checkpointing"
+USE_DDP = "`torchrun --nproc_per_node N train.py` or `accelerate launch --multi_gpu --num_processes N train.py`"
+
+
+def _sharding_settings(args) -> list[tuple[str, object, str]]:
+    """(setting, value, what it turns on) for each setting that would run the trainer under FSDP or DeepSpeed."""
+    found = [(f"TrainingArguments.{name}", getattr(args, name, None), kind)
+             for name, kind in (("fsdp", "FSDP"), ("deepspeed", "DeepSpeed"))]
+    found = [setting for setting in found if setting[1]]
+    # `accelerate launch --use_fsdp / --use_deepspeed` (or an accelerate config naming them) sets these; accelerate
+    # reads them the same way
+    for name, kind in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(name, "false").lower() == "true":
+            found.append((name, os.environ[name], kind))
+    return found
+
+
+def _refuse_sharding(settings: list[tuple[str, object, str]]) -> None:
+    if settings:
+        name, value, kind = settings[0]
+        raise ValueError(
+            f"`{name}` turns on {kind}, got {value!r}: MFTCTrainer supports {SUPPORTED}, not FSDP or DeepSpeed (the "
+            f"warm-up re-creates the adapter's deltas, which sharded or engine-owned parameters do not follow). For "
+            f"several devices use DDP: {USE_DDP}."
+        )
 
 
 class _FilterGradients(TrainerCallback):
@@ -58,7 +90,12 @@ class MFTCTrainer(Trainer):
     """
 
     def __init__(self, *args, warmup_kwargs: dict | None = None, **kwargs):
+        # before the Accelerator exists, and before transformers' own FSDP checks (which name neither MFTC nor DDP)
+        _refuse_sharding(_sharding_settings(kwargs.get("args", args[1] if len(args) > 1 else None)))
         super().__init__(*args, **kwargs)
+        # FSDP or DeepSpeed that reached accelerate's state some other way (e.g. a parallelism config)
+        _refuse_sharding([(f"trainer.is_{kind.lower()}_enabled", True, kind) for kind in ("FSDP", "DeepSpeed")
+                          if getattr(self, f"is_{kind.lower()}_enabled", False)])
         mftc_tuner(self.model)  # fail early, with a clear message, if the model has no MFTC adapter
         self.warmup_kwargs = dict(warmup_kwargs or {})
         self.warmup_report = None

@@ -1,5 +1,5 @@
 """MFTCTrainer under `accelerate launch` (2 CPU processes, gloo): one selection, identical training on both ranks, a
-checkpoint that reloads bit-identically in another process."""
+checkpoint that reloads bit-identically in another process. FSDP and DeepSpeed are refused, naming the setting."""
 
 import json
 import os
@@ -7,12 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from tiny_models import CASES_BY_NAME, outputs
+from tiny_models import CASES_BY_NAME, VOCAB, outputs
+from transformers import Trainer, TrainingArguments
 
-import mftc_peft  # noqa: F401  (registers the `mftc` tuner type: PEFT has no plugin discovery)
+from mftc_peft import MFTCConfig, MFTCTrainer
 
 TESTS_DIR = Path(__file__).parent
 # `--multi_gpu` is accelerate's torchrun launcher; on CPU it is the one that starts several processes without mpirun
@@ -50,3 +52,59 @@ def test_accelerate_launch_two_processes_select_train_and_checkpoint_identically
         assert torch.equal(params[name], trained[f"param:{name}"]), name
     with torch.no_grad():
         assert torch.equal(outputs(reloaded, case.inputs()), trained["logits"])
+
+
+def trainer_parts(tmp_path, **training_args):
+    model = get_peft_model(CASES_BY_NAME["bert"].model(), MFTCConfig(task_type="SEQ_CLS", budget=0.1))
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **training_args)
+    ids = torch.randint(0, VOCAB, (4, 9), generator=torch.Generator().manual_seed(0))
+    return model, args, [{"input_ids": row, "labels": 0} for row in ids]
+
+
+@pytest.fixture
+def clean_environment(monkeypatch):
+    # accelerate writes ACCELERATE_USE_FSDP/DEEPSPEED into os.environ when it gets a plugin: undo that after the test
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize(
+    "setting, value, kind",
+    [
+        ("TrainingArguments.fsdp", True, "FSDP"),
+        ("TrainingArguments.deepspeed", "ds_config.json", "DeepSpeed"),
+        ("ACCELERATE_USE_FSDP", "true", "FSDP"),  # what `accelerate launch --use_fsdp` sets
+        ("ACCELERATE_USE_DEEPSPEED", "TRUE", "DeepSpeed"),
+    ],
+)
+def test_fsdp_and_deepspeed_are_refused_naming_the_setting_and_ddp(tmp_path, clean_environment, setting, value, kind):
+    model, args, data = trainer_parts(tmp_path, **({"fsdp": value} if setting.endswith("fsdp") else {}))
+    if setting.endswith("deepspeed"):
+        args.deepspeed = value  # set after construction: TrainingArguments(deepspeed=...) needs deepspeed installed
+    elif setting.startswith("ACCELERATE"):
+        clean_environment.setenv(setting, value)
+    for construct in (lambda: MFTCTrainer(model, args, train_dataset=data),
+                      lambda: MFTCTrainer(model=model, args=args, train_dataset=data)):
+        with pytest.raises(ValueError, match=f"^`{setting}` turns on {kind}, got {value!r}: ") as refused:
+            construct()
+        assert "supports a single device, DDP and gradient checkpointing, not FSDP or DeepSpeed" in str(refused.value)
+        assert "`accelerate launch --multi_gpu --num_processes N train.py`" in str(refused.value)
+
+
+def test_fsdp_reaching_accelerate_state_otherwise_is_refused(tmp_path, clean_environment):
+    real = Trainer.create_accelerator_and_postprocess
+
+    def with_fsdp(self):
+        real(self)
+        self.is_fsdp_enabled = True  # as when accelerate's state holds an FSDP plugin (a GPU job, a parallelism config)
+
+    clean_environment.setattr(Trainer, "create_accelerator_and_postprocess", with_fsdp)
+    with pytest.raises(ValueError, match="^`trainer.is_fsdp_enabled` turns on FSDP, got True: "):
+        MFTCTrainer(*trainer_parts(tmp_path)[:2])
+
+
+def test_settings_that_are_off_are_not_refused(tmp_path, clean_environment):
+    clean_environment.setenv("ACCELERATE_USE_FSDP", "false")
+    model, args, data = trainer_parts(tmp_path, fsdp="")
+    assert isinstance(MFTCTrainer(model, args, train_dataset=data), MFTCTrainer)
