@@ -19,6 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ._compat import freeze_empty, move_keeping_integers
 from .blocks import BlockGrid
 from .checkpoint import PARTS, check_saved_layer, grid_geometry, saved_key
 
@@ -147,15 +148,23 @@ class MFTCLayer(BaseTunerLayer):
         self.mftc_idx[adapter_name].copy_(torch.tensor(new_ids, dtype=torch.int32))
         return source
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        # PEFT < 0.21 would also cast the block ids and geometry to the base's float dtype (`_compat.py`).
+        integers = {"mftc_idx": self.mftc_idx, "mftc_geometry": self.mftc_geometry}
+        move = super()._move_adapter_to_device_of_base_layer
+        move_keeping_integers(integers, adapter_name, lambda: move(adapter_name, device=device))
+
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         super().set_adapter(adapter_names, inference_mode=inference_mode)
+        freeze_empty(self.mftc_delta)  # PEFT < 0.20 ignores `frozen_peft_weight_names` (`_compat.py`)
         for key in self.mftc_delta:
             self._mftc_wants_grad[key] = key in names and not inference_mode
 
     def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        freeze_empty(self.mftc_delta)  # as in set_adapter
         for key in names:
             if key in self.mftc_delta:
                 self._mftc_wants_grad[key] = requires_grad
