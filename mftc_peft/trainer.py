@@ -111,7 +111,8 @@ class MFTCTrainer(Trainer):
         if self.optimizer is None and self._needs_warmup():
             self._run_warmup()
         self._build_spectral_coordinator()
-        return super().create_optimizer(model)
+        # transformers 4.x's create_optimizer takes no `model` (5.x passes one only for a wrapped model).
+        return super().create_optimizer() if model is None else super().create_optimizer(model)
 
     def _run_warmup(self) -> None:
         logger.info("MFTC: warm-up on the training dataloader before creating the optimiser")

@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "linear")
+# The KV-cache arguments transformers' checkpointing wrapper clears (`_checkpointed_forward`): 5.x names the cache
+# `cache` (GPT-2: `layer_past`), 4.x `past_key_value` or `past_key_values`.
+CACHE_KWARGS = ("cache", "layer_past", "past_key_value", "past_key_values")
 IGNORE_INDEX = -100  # label value that losses and accuracies skip (transformers' convention)
 
 # compute_loss(model, batch) -> loss tensor, or (loss tensor, outputs with `.logits`) so that accuracy can be measured.
@@ -194,7 +197,7 @@ def _checkpointed_forward(layer: nn.Module, *args, **kwargs):
     if kwargs.get("use_cache"):
         kwargs["use_cache"] = False
     if not getattr(layer, "_can_checkpoint_with_cache", False):
-        kwargs.update({key: None for key in ("cache", "layer_past") if kwargs.get(key) is not None})
+        kwargs.update({key: None for key in CACHE_KWARGS if kwargs.get(key) is not None})
     return layer._gradient_checkpointing_func(functools.partial(forward, layer, **kwargs), *args)
 
 
