@@ -28,6 +28,21 @@ SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)
 RANDOM_INIT_STD = 0.02
 
 
+def quantized_weight_error(base: nn.Module) -> Optional[str]:
+    """Why MFTC cannot adapt `base` although its type is supported, or None. bitsandbytes' Linear8bitLt and Linear4bit
+    subclass nn.Linear but store integer weights (4-bit ones packed): the warm-up needs the weight's gradient, and
+    merge would write float lines into the integer storage (README, Limitations)."""
+    weight = getattr(base, "weight", None)
+    # bitsandbytes' weight classes quantise on the first move to a device, so a float one is refused as well.
+    if weight is None or (weight.is_floating_point() and not type(weight).__module__.startswith("bitsandbytes")):
+        return None
+    return (
+        f"its weight must be a plain floating-point tensor, got {type(base).__name__} with a {weight.dtype} "
+        f"{type(weight).__name__} of shape {tuple(weight.shape)}; quantised base layers (e.g. bitsandbytes 8-/4-bit) "
+        "are not supported"
+    )
+
+
 class MFTCLayer(BaseTunerLayer):
     adapter_layer_names = ("mftc_delta",)
     other_param_names = ("mftc_idx", "mftc_scale", "mftc_geometry")
@@ -58,6 +73,8 @@ class MFTCLayer(BaseTunerLayer):
                 f"Target module {base} is not supported by MFTC. Supported module types: "
                 f"{', '.join(t.__module__ + '.' + t.__name__ for t in SUPPORTED_LAYER_TYPES)}."
             )
+        if (reason := quantized_weight_error(base)) is not None:
+            raise TypeError(f"Target module {base} is not supported by MFTC: {reason}")
         self.in_features, self.out_features = _get_in_out_features(base)
         # transformers' Conv1D stores its weight as (in, out): the transpose of nn.Linear's layout.
         self.fan_in_fan_out = isinstance(base, Conv1D)

@@ -16,7 +16,7 @@ from torch import nn
 from .blocks import BlockGrid, make_grid
 from .checks import is_real
 from .config import MFTCConfig
-from .layer import SUPPORTED_LAYER_TYPES, Linear, MFTCLayer
+from .layer import SUPPORTED_LAYER_TYPES, Linear, MFTCLayer, quantized_weight_error
 
 _BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 _LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -127,6 +127,8 @@ class MFTCModel(BaseTuner):
                     f"`target_modules` matched {name!r}, a {type(base).__name__}, which MFTC does not support. "
                     f"Supported module types: {supported}."
                 )
+            if (reason := quantized_weight_error(base)) is not None:
+                raise TypeError(f"`target_modules` matched {name!r}: {reason}")
             targets[name] = self._grid_for(config, name, base)
         for key, ids in config.block_selection.items():
             matched = [name for name in targets if get_pattern_key([key], name) == key]

@@ -34,6 +34,32 @@ def test_unsupported_module_type_lists_supported_types():
     assert_untouched(model)
 
 
+@pytest.mark.parametrize("dtype, shape", [(torch.int8, (45, 20)), (torch.uint8, (450, 1))], ids=["8bit", "4bit"])
+def test_quantized_weights_are_refused(dtype, shape):
+    """bitsandbytes' 8-bit (int8, out x in) and 4-bit (packed uint8) layers subclass nn.Linear: stand-ins here."""
+    from tiny_models import OddMLP
+
+    model = OddMLP()
+    model.fc2.weight = nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
+    message = rf"matched 'fc2': its weight must be a plain floating-point tensor, got Linear with a {dtype} Parameter"
+    with pytest.raises(TypeError, match=message):
+        get_peft_model(model, MFTCConfig(target_modules=["fc1", "fc2"], block_size=16, modules_to_save=[]))
+    assert_untouched(model)
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["before_the_move", "quantized"])
+@pytest.mark.parametrize("layer, weight", [("Linear8bitLt", "Int8Params"), ("Linear4bit", "Params4bit")])
+def test_bitsandbytes_layers_are_refused(layer, weight, quantize):
+    bnb = pytest.importorskip("bitsandbytes")
+    options = {"Linear8bitLt": {"has_fp16_weights": False}, "Linear4bit": {"compute_dtype": torch.float32}}[layer]
+    model = nn.Sequential(getattr(bnb.nn, layer)(20, 45, **options), nn.ReLU(), nn.Linear(45, 7))
+    if quantize:
+        model.to("cpu")  # bitsandbytes quantises on the first move to a device
+    with pytest.raises(TypeError, match=rf"matched '0': .* {layer} with a torch\.\w+ {weight} .* quantised"):
+        get_peft_model(model, MFTCConfig(target_modules=["0", "2"], block_size=16))
+    assert_untouched(model)
+
+
 @pytest.mark.parametrize(
     "selection, message",
     [
