@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# The lower end of the supported range: build a virtual environment with the oldest PEFT and transformers that
-# pyproject.toml allows, and run the tests that exercise PEFT and transformers against them. (The upper end is what
-# `scripts/setup.sh` installs; README's test command covers it.)
+# The lower end of the supported range: a virtual environment with the oldest PEFT and transformers that
+# pyproject.toml allows, then the test files that exercise PEFT and transformers (the newest versions are what
+# scripts/setup.sh installs, which README's test command covers).
 #   bash scripts/check_versions.sh [VENV_DIR [TEST ...]]
 # VENV_DIR defaults to /tmp/mftc-lower-bounds (reused when present); TESTs (pytest arguments) replace the list below.
-# PEFT_VERSION / TRANSFORMERS_VERSION override the pins (e.g. to try a middle version). torch comes from the
-# interpreter that runs this script (--system-site-packages), so no torch wheel is ever downloaded; every pin is
-# installed with --no-deps, together with the versions of transformers' own dependencies that the pinned release needs.
+# PEFT_VERSION, TRANSFORMERS_VERSION, TOKENIZERS_VERSION and HUB_VERSION override the pins (e.g. to try a middle
+# version). torch comes from the interpreter that runs this script (--system-site-packages): no torch wheel is ever
+# downloaded. The pins go in with --no-deps, so the script then checks that every requirement of this package, PEFT,
+# transformers, tokenizers and huggingface-hub holds for the versions that get imported.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${1:-/tmp/mftc-lower-bounds}"
 PEFT_VERSION="${PEFT_VERSION:-0.18.0}"
 TRANSFORMERS_VERSION="${TRANSFORMERS_VERSION:-4.54.0}"
-# What that transformers needs of its own dependencies (the interpreter's are newer): override with the pins.
+# What that transformers release needs of its own dependencies (the interpreter's are newer).
 TOKENIZERS_VERSION="${TOKENIZERS_VERSION:-0.21.4}"
 HUB_VERSION="${HUB_VERSION:-0.36.2}"
 PINS=("peft==$PEFT_VERSION" "transformers==$TRANSFORMERS_VERSION" "tokenizers==$TOKENIZERS_VERSION"

@@ -2,14 +2,36 @@
 old versions did (by patching the one method that changed), so the shims are tested without installing those
 versions. `scripts/check_versions.sh` runs the adapter tests against the real lower bounds."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 from peft import get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 import mftc_peft  # noqa: F401
 from mftc_peft import MFTCConfig, MFTCLayer, _compat
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_claimed_range_is_the_gated_and_tested_range():
+    """pyproject's PEFT range is the import gate's, and check_versions.sh pins the lower bounds pyproject claims."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    specifiers = {Requirement(line).name: Requirement(line).specifier for line in dependencies}
+    lower, upper = _compat.SUPPORTED_PEFT
+    assert specifiers["peft"] == SpecifierSet(f">={lower},<{upper}")
+    script = (ROOT / "scripts" / "check_versions.sh").read_text()
+    for name, variable in [("peft", "PEFT_VERSION"), ("transformers", "TRANSFORMERS_VERSION")]:
+        pinned = re.search(rf'{variable}="\${{{variable}:-([^}}]+)}}"', script).group(1)
+        claimed = next(spec.version for spec in specifiers[name] if spec.operator == ">=")
+        assert Version(pinned) == Version(claimed), f"check_versions.sh pins {name} {pinned}, pyproject claims {claimed}"
 
 
 @pytest.mark.parametrize("installed", ["0.17.1", "0.22.0", "1.0.0"])
