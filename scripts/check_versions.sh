@@ -22,7 +22,7 @@ TESTS=(
   tests/test_compat.py tests/test_adapter.py tests/test_loading.py tests/test_precision.py tests/test_errors.py
   tests/test_bad_inputs.py tests/test_state.py tests/test_hot_path.py tests/test_step_control.py
   tests/test_dynamic.py tests/test_warmup.py tests/test_checkpointing.py tests/test_trainer.py
-  tests/test_distributed.py
+  tests/test_distributed.py tests/test_accelerate.py
 )
 export PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
