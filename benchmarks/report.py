@@ -2,26 +2,30 @@
 
     python benchmarks/report.py [--out benchmarks/results]
 
-For every `<profile>.jsonl` (full, quick, smoke) in the folder: `<profile>.md` (mean +- std over seeds per task x
-method, parameters, wall time incl. warm-up, memory, adapter size, the learning-rate sweep and picks, the issue's
-targets) and plots `<profile>_<task>_vs_params.png` / `<profile>_<task>_vs_wall.png`; and `README.md`, which
-collects the profiles' tables (full first).
+For every `<profile>.jsonl` in the folder (PROFILE_ORDER): `<profile>.md` and plots `<profile>_<task>_vs_params.png` /
+`<profile>_<task>_vs_wall.png`; and `README.md`, which collects the profiles' tables (full first). Per task and
+budget: mean +- std over seeds per method, next to MFTC's paired difference against it (95% t-interval over the
+seeds both ran; "within noise" when the interval covers 0, never a win), parameters, wall time incl. warm-up,
+memory, adapter size, the learning-rate sweep and picks; then the issues' targets, and with several budgets how each
+method gains from one budget to the next. The plots draw one line per method through its budgets.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness.profiles import ALL_METHODS  # noqa: E402
+from harness import comparisons  # noqa: E402
+from harness.profiles import ALL_METHODS, rank_for  # noqa: E402
+from harness.report_plots import plot  # noqa: E402
+from harness.summary import budgets, load, picked_test_runs, summarise  # noqa: E402, F401 (load: tests, callers)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PROFILE_ORDER = ("full", "cpu", "quick", "smoke")
+PROFILE_ORDER = ("full", "gpu", "cpu", "cpu_budget", "quick", "smoke", "gpu_smoke", "cpu_budget_smoke")
 TASK_TITLES = {
     "cls": "Sequence classification: all-MiniLM-L6-v2 on Rotten Tomatoes (test accuracy, higher is better)",
     "lm": "Causal LM: SmolLM2-135M on Hamlet, acts I-IV -> act V (held-out perplexity, lower is better). The weights "
@@ -36,60 +40,22 @@ PROFILE_NOTES = {
            "MFTC, LoRA, AdaLoRA, PiSSA, random blocks and top-energy blocks run 3 seeds; the other peers and "
            "ablations run the first seed only (their std is then 0 and means little).",
     "smoke": "**Smoke profile: tiny random models and random data.** A test of the harness only.",
+    "gpu_smoke": "**Smoke twin of the gpu profile: tiny random models and random data on the CPU.** A test of the "
+                 "harness only.",
+    "cpu_budget_smoke": "**Smoke twin of the budget sweep: tiny random models and random data.** A test of the harness "
+                        "only; the tiny model cannot hold 4x, so its top budget is 2x.",
+    "cpu_budget": "**Budget sweep (issue 16), cpu profile's sizes on 2 CPU cores**: MFTC, LoRA, random blocks and "
+                  "SHiRA at 1/4x, 1x and 4x LoRA r=8's trainable count (LoRA r=2/8/32 with alpha = 2r; SHiRA at the "
+                  "same rank, which is LoRA's count; MFTC's budget is LoRA's count; random blocks matched to MFTC's), "
+                  "learning rate swept per method and budget on the validation split (first seed, edges extended), "
+                  "3 seeds on the test split.",
+    "gpu": "**GPU profile**: the protocol's sizes (2,000 training snippets x 3 epochs; 120 language-modelling steps), "
+           "every method, learning rate swept per method on the validation split (3 points, first seed, edges "
+           "extended), 3 seeds on the test split, several runs side by side on one GPU (wall times are measured "
+           "under that sharing).",
     "full": "**Full profile**: learning rate per method swept on the validation split (first seed), then every seed on "
             "the test split.",
 }
-
-
-def load(path: Path) -> list[dict]:
-    """Records of a JSONL file, the last one kept per (phase, task, method, seed, lr)."""
-    latest = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            latest[tuple(r.get(k) for k in ("phase", "task", "method", "seed", "lr"))] = r
-    return list(latest.values())
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def picked_test_runs(records: list[dict], task: str, method: str) -> list[dict]:
-    """The method's 'ok' test runs at its current pick: the learning rate of its latest test run (a re-run with a
-    wider sweep may pick another rate; the runs at the old pick stay in the file but leave the table)."""
-    runs = [r for r in records if r["task"] == task and r["method"] == method and r["phase"] == "test"
-            and r.get("status") == "ok"]
-    if not runs:
-        return []
-    lr = max(runs, key=lambda r: r.get("date") or "")["lr"]
-    return [r for r in runs if r["lr"] == lr]
-
-
-def summarise(records: list[dict], task: str) -> dict[str, dict]:
-    """Per method: mean/std of the test metric and the means of the cost columns over its 'ok' test runs."""
-    out = {}
-    for method in ALL_METHODS:
-        runs = picked_test_runs(records, task, method)
-        if not runs:
-            continue
-        metric = runs[0]["metric"]
-        mean, std = _mean_std([r[f"test_{metric}"] for r in runs])
-        def avg(key):
-            values = [r.get(key) for r in runs]
-            return None if any(v is None for v in values) else statistics.fmean(values)
-
-        out[method] = {
-            "metric": metric, "mean": mean, "std": std, "n": len(runs), "lr": runs[0]["lr"],
-            "lr_swept": runs[0].get("lr_swept"), "params": runs[0]["trainable_params_no_head"],
-            "params_all": runs[0]["trainable_params"],
-            "params_range": (min(r["trainable_params_no_head"] for r in runs),
-                             max(r["trainable_params_no_head"] for r in runs)),
-            "wall": avg("wall_seconds"), "warmup": avg("warmup_seconds"), "train": avg("train_seconds"),
-            "rss": avg("peak_rss_bytes"), "cuda": avg("cuda_peak_allocated_bytes"), "bytes": avg("adapter_bytes"),
-            "budget_source": runs[0].get("budget_source"), "steps": runs[0]["steps"],
-        }
-    return out
 
 
 def _mb(value) -> str:
@@ -101,33 +67,42 @@ def _params(s: dict) -> str:
     return f"{low:,}" if low == high else f"{low:,}-{high:,}"
 
 
+PAIRED_NOTE = ("MFTC - method: MFTC's test metric minus the method's, averaged over the seeds both ran (a seed fixes "
+               "the data order and the head for every method), with a 95% Student-t interval; \"within noise\" when "
+               "the interval covers 0. Accuracy in points, perplexity in perplexity.")
+
+
 def method_table(summary: dict) -> list[str]:
-    lines = ["| method | lr | seeds | test metric (mean ± std) | trainable (no head) | trainable (with head) | "
-             "wall s (incl. warm-up) | warm-up s | train s | peak RSS MiB | CUDA peak MiB | adapter bytes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | lr | seeds | test metric (mean ± std) | MFTC - method (95% CI) | trainable (no head) | "
+             "trainable (with head) | wall s (incl. warm-up) | warm-up s | train s | peak RSS MiB | CUDA peak MiB | "
+             "adapter bytes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, s in summary.items():
         swept = "" if s["lr_swept"] else " (not swept)"
         lines.append(
-            f"| {method} | {s['lr']:g}{swept} | {s['n']} | {s['mean']:.4f} ± {s['std']:.4f} | {_params(s)} | "
-            f"{s['params_all']:,} | {s['wall']:.1f} | {s['warmup']:.1f} | {s['train']:.1f} | {_mb(s['rss'])} | "
-            f"{_mb(s['cuda'])} | {s['bytes']:,.0f} |"
+            f"| {method} | {s['lr']:g}{swept} | {s['n']} | {s['mean']:.4f} ± {s['std']:.4f} | "
+            f"{comparisons.mftc_cell(summary, method)} | {_params(s)} | {s['params_all']:,} | {s['wall']:.1f} | "
+            f"{s['warmup']:.1f} | {s['train']:.1f} | {_mb(s['rss'])} | {_mb(s['cuda'])} | {s['bytes']:,.0f} |"
         )
     return lines
 
 
-def sweep_table(records: list[dict], task: str) -> list[str]:
-    sweep = [r for r in records if r["task"] == task and r["phase"] == "sweep"]
+def sweep_table(records: list[dict], task: str, budget: float = 1.0) -> list[str]:
+    sweep = [r for r in records if r["task"] == task and r["phase"] == "sweep"
+             and float(r.get("budget_multiple", 1.0)) == budget]
     if not sweep:
         return ["No learning-rate sweep in this profile: each method used the fixed learning rate shown above "
                 "(recorded with `lr_swept: false`)."]
-    picks = {m: runs[0]["lr"] for m in ALL_METHODS if (runs := picked_test_runs(records, task, m))}
-    lines = ["| method | learning rate -> validation metric | pick |", "|---|---|---|"]
+    picks = {m: runs[0]["lr"] for m in ALL_METHODS if (runs := picked_test_runs(records, task, m, budget))}
+    lines = ["| method | learning rate -> validation metric (* added past the bracket's edge) | pick |",
+             "|---|---|---|"]
     for method in ALL_METHODS:
         runs = sorted((r for r in sweep if r["method"] == method), key=lambda r: r["lr"])
         if runs:
             cells = ", ".join(
-                f"{r['lr']:g} -> {r['val_' + r['metric']]:.4f}" if r.get("status") == "ok"
-                else f"{r['lr']:g} -> {r.get('status')}" for r in runs)
+                f"{r['lr']:g}{'*' if r.get('lr_extended') else ''} -> "
+                + (f"{r['val_' + r['metric']]:.4f}" if r.get("status") == "ok" else str(r.get("status")))
+                for r in runs)
             lines.append(f"| {method} | {cells} | {picks.get(method, 'n/a')} |")
     return lines
 
@@ -145,29 +120,23 @@ def _compare(summary: dict, method: str, key: str, test) -> bool | None:
 
 
 def targets(summary: dict, task: str) -> list[str]:
-    """The issue's targets, each MET / missed / n/a (a method needed for it did not run)."""
+    """Issue 6's targets, each MET / missed / n/a (a method needed for it did not run). Quality targets go by the
+    paired difference: "at or above" by its mean, "above" only when its interval excludes 0."""
     m = summary.get("mftc")
     if m is None:
         return ["- n/a: MFTC did not run"]
-    lines = []
     if task == "cls":
-        peers = {k: summary[k]["mean"] for k in ("lora", "adalora", "pissa") if k in summary}
-        listed = ", ".join(f"{k} {v:.4f}" for k, v in peers.items()) or "none ran"
-        lines.append(_verdict(m["mean"] >= max(peers.values()) if peers else None,
-                              f"MFTC accuracy {m['mean']:.4f} >= best of LoRA/AdaLoRA/PiSSA ({listed})"))
-        for k in ("random_blocks", "top_energy"):
-            lines.append(_verdict(_compare(summary, k, "mean", lambda v: m["mean"] > v),
-                                  f"MFTC accuracy > {k} ({_value(summary, k, 'mean', '.4f')})"))
+        lines = [comparisons.target_line(summary, k, strict=False) for k in ("lora", "adalora", "pissa")]
+        lines += [comparisons.target_line(summary, k, strict=True) for k in ("random_blocks", "top_energy")]
     else:
-        lines.append(_verdict(_compare(summary, "lora", "mean", lambda v: m["mean"] <= v),
-                              f"MFTC perplexity {m['mean']:.3f} <= LoRA's ({_value(summary, 'lora', 'mean', '.3f')})"))
+        lines = [comparisons.target_line(summary, "lora", strict=False)]
     lora = summary.get("lora")
     if lora is not None:
         lines.append(_verdict(m["wall"] <= 1.15 * lora["wall"],
                               f"MFTC wall time incl. warm-up {m['wall']:.1f} s <= 1.15 x LoRA's {lora['wall']:.1f} s "
                               f"(ratio {m['wall'] / lora['wall']:.2f})"))
         key = "cuda" if m["cuda"] is not None and lora["cuda"] is not None else "rss"
-        lines.append(_verdict(m[key] <= 1.05 * lora[key],
+        lines.append(_verdict(None if m[key] is None or lora[key] is None else m[key] <= 1.05 * lora[key],
                               f"MFTC peak memory ({key}) {_mb(m[key])} MiB <= LoRA's {_mb(lora[key])} MiB + 5%"))
         lines.append(f"- parameters: MFTC trains {_params(m)} elements outside the head, LoRA {_params(lora)}")
     else:
@@ -178,40 +147,89 @@ def targets(summary: dict, task: str) -> list[str]:
     return lines
 
 
+def budget_targets(by_budget: dict[float, dict]) -> list[str]:
+    """Issue 16: MFTC at or above LoRA at every budget, above random blocks at 1x and above."""
+    lines = []
+    for budget, summary in sorted(by_budget.items()):
+        where = f" at {budget:g}x"
+        lines.append(comparisons.target_line(summary, "lora", strict=False, where=where))
+        if budget >= 1.0:
+            lines.append(comparisons.target_line(summary, "random_blocks", strict=True, where=where))
+    return lines
+
+
+def scaling_table(by_budget: dict[float, dict]) -> list[str]:
+    """Each method's mean at every budget and its paired gain from one budget to the next (a plateau: a gain within
+    noise)."""
+    order = sorted(by_budget)
+    steps = [f"{hi:g}x - {lo:g}x (95% CI)" for lo, hi in zip(order, order[1:])]
+    lines = ["| method | " + " | ".join(f"{b:g}x" for b in order) + " | " + " | ".join(steps) + " |",
+             "|---|" + "---|" * (len(order) + len(steps))]
+    for method in ALL_METHODS:
+        cells = comparisons.scaling_rows(by_budget, method)
+        if cells is not None:
+            cells += [""] * (len(order) + len(steps) - len(cells))  # a method absent at some budget has fewer gains
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def other_runs(records: list[dict]) -> list[str]:
     bad = [r for r in records if r.get("status") != "ok"]
-    return [f"- {r['phase']} {r['task']} {r['method']} seed {r['seed']}: {r.get('status')}: "
+    return [f"- {r['phase']} {r['task']} {r['method']} seed {r['seed']}"
+            f"{'' if r.get('budget_multiple', 1.0) == 1.0 else ' at %gx' % r['budget_multiple']}: {r.get('status')}: "
             f"{str(r.get('reason', '')).splitlines()[0][:300] if r.get('reason') else ''}" for r in bad]
 
 
-def plot(summary: dict, task: str, stem: Path) -> list[Path]:
-    """Quality vs trainable parameters and vs wall time incl. warm-up (mean +- std over seeds)."""
-    import matplotlib
+def session_lines(profile: str, out: Path) -> list[str]:
+    """Each invocation's wall time (`<profile>_sessions.jsonl`, written by run.py); the gpu profile's 8-minute target
+    is checked on invocations that ran everything (no --resume)."""
+    path = out / f"{profile}_sessions.jsonl"
+    if not path.exists():
+        return []
+    lines = ["Invocations of `benchmarks/run.py` (wall time of the whole invocation, model loading included):", ""]
+    for line in filter(str.strip, path.read_text().splitlines()):
+        session = json.loads(line)
+        minutes = session["elapsed_seconds"] / 60
+        how = ("long-lived worker processes" if session.get("reuse_processes") else
+               "in one process" if session.get("in_process") else "one subprocess per run")
+        text = (f"{session['started']}: {minutes:.1f} min, {session['workers']} at a time ({how}), device "
+                f"{session['device']}, {session['executed']} runs executed, {session['reused']} reused (--resume)")
+        if profile == "gpu" and not session.get("resume"):
+            lines.append(_verdict(minutes <= 8.0, f"whole gpu profile in <= 8 minutes: {text}"))
+        else:
+            lines.append(f"- {text}")
+    return lines + [""]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    paths = []
-    metric = next(iter(summary.values()))["metric"]
-    for key, label, suffix, log in (("params", "trainable parameters (no head)", "vs_params", True),
-                                    ("wall", "wall seconds incl. warm-up", "vs_wall", False)):
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        for method, s in summary.items():
-            x = max(s[key], 1) if log else s[key]
-            ax.errorbar([x], [s["mean"]], yerr=[s["std"]], fmt="o", capsize=3, label=method)
-            ax.annotate(method, (x, s["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        if log:
-            ax.set_xscale("log")
-        ax.set_xlabel(label)
-        ax.set_ylabel(f"test {metric}")
-        ax.set_title(f"{stem.name.split('_')[0]} profile, {task}: {metric} vs {label}", fontsize=9)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = stem.with_name(f"{stem.name}_{suffix}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+def task_markdown(profile: str, task: str, records: list[dict], out: Path) -> list[str]:
+    by_budget = {b: summary for b in budgets(records, task) if (summary := summarise(records, task, b))}
+    if not by_budget:
+        return []
+    several = len(by_budget) > 1
+    first = next(iter(next(iter(by_budget.values())).values()))
+    r = next(r for r in records if r["task"] == task and r.get("status") == "ok" and r["phase"] == "test")
+    matched_to = "MFTC" if any(v["budget_source"] == "mftc" for s in by_budget.values() for v in s.values()) else "LoRA"
+    lines = [f"{r['n_train']} training examples/chunks, {r['n_eval']} test examples/chunks, batch {r['batch_size']} "
+             f"x {r['max_length']} tokens, {first['steps']} steps (AdamW, linear decay), same data order per seed for "
+             f"every method. Ablations are matched to {matched_to}'s count.", "", PAIRED_NOTE, ""]
+    for budget, summary in sorted(by_budget.items()):
+        if several:
+            count = next(x["lora_budget"] for x in records if x["task"] == task
+                         and float(x.get("budget_multiple", 1.0)) == budget)
+            lines += [f"#### {budget:g}x LoRA r=8's count: LoRA r={rank_for(budget)}, {count:,} trainable "
+                      f"parameters outside the head", ""]
+        lines += [*method_table(summary), "", "Learning rates:", "", *sweep_table(records, task, budget), ""]
+    if 1.0 in by_budget:
+        lines += ["Targets (issue 6)" + ("" if profile in ("full", "cpu", "gpu", "cpu_budget") else
+                                         ", checked mechanically; outside the full profiles they are not evidence "
+                                         "either way") + (", at 1x:" if several else ":"), "",
+                  *targets(by_budget[1.0], task), ""]
+    if several:
+        lines += ["Budget targets (issue 16):", "", *budget_targets(by_budget), "",
+                  "How each method gains with its budget (paired over seeds: a gain within noise is a plateau):", "",
+                  *scaling_table(by_budget), ""]
+    names = [p.name for p in plot(by_budget, task, out / f"{profile}_{task}")]
+    return lines + [" ".join(f"![{n}]({n})" for n in names), ""]
 
 
 def profile_markdown(profile: str, records: list[dict], out: Path) -> str:
@@ -219,27 +237,12 @@ def profile_markdown(profile: str, records: list[dict], out: Path) -> str:
     first = (ok or records)[0]
     lines = [f"## Profile `{profile}`", "", PROFILE_NOTES.get(profile, ""), "",
              f"Generated by `python benchmarks/report.py` from `{profile}.jsonl` ({len(records)} runs; device "
-             f"{first.get('device')} = {first.get('device_name')}; versions {json.dumps(first.get('versions'))}).", ""]
+             f"{first.get('device')} = {first.get('device_name')}; versions {json.dumps(first.get('versions'))}).", "",
+             *session_lines(profile, out)]
     for task in ("cls", "lm"):
-        task_records = [r for r in records if r["task"] == task]
-        summary = summarise(task_records, task)
-        if not task_records:
-            continue
-        lines += [f"### {TASK_TITLES[task]}", ""]
-        if summary:
-            s = next(iter(summary.values()))
-            r = next(r for r in task_records if r.get("status") == "ok" and r["phase"] == "test")
-            lines += [f"{r['n_train']} training examples/chunks, {r['n_eval']} test examples/chunks, batch "
-                      f"{r['batch_size']} x {r['max_length']} tokens, {s['steps']} steps (AdamW, linear decay), same "
-                      f"data order per seed for every method. Ablations are matched to "
-                      f"{'MFTC' if any(v['budget_source'] == 'mftc' for v in summary.values()) else 'LoRA'}'s count.",
-                      "", *method_table(summary), "", "Learning rates:", "", *sweep_table(records, task), "",
-                      "Targets (issue 6)" + (
-                          "" if profile in ("full", "cpu") else
-                          ", checked mechanically; outside the full profile they are not evidence either way") + ":",
-                      "", *targets(summary, task), ""]
-            names = [p.name for p in plot(summary, task, out / f"{profile}_{task}")]
-            lines += [" ".join(f"![{n}]({n})" for n in names), ""]
+        section = task_markdown(profile, task, [r for r in records if r["task"] == task], out)
+        if section:
+            lines += [f"### {TASK_TITLES[task]}", "", *section]
     extra = other_runs(records)
     if extra:
         lines += ["Runs without a result:", "", *extra, ""]
@@ -260,8 +263,8 @@ def write_reports(out: Path = RESULTS) -> list[Path]:
     if sections:
         readme = out / "README.md"
         readme.write_text(
-            "# Side-by-side benchmark results (issue 6)\n\nGenerated by `python benchmarks/report.py` from the JSON "
-            "lines of `benchmarks/run.py`; do not edit by hand. Protocol: `benchmark-protocol.md`.\n\n"
+            "# Side-by-side benchmark results (issues 6 and 16)\n\nGenerated by `python benchmarks/report.py` from the "
+            "JSON lines of `benchmarks/run.py`; do not edit by hand. Protocol: `benchmark-protocol.md`.\n\n"
             + "\n".join(sections))
         written.append(readme)
     return written

@@ -1,7 +1,9 @@
 """README.md: the two set-up commands as CI runs them, the config table in sync, and the Python quick start runs."""
 
+import importlib.util
 import re
 import runpy
+import shlex
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,20 @@ def test_config_table_renders_every_field_with_its_help():
 
 def test_benchmark_table_is_linked():
     assert "(benchmarks/results/README.md)" in readme()
+
+
+def test_benchmark_commands_are_commands_run_py_accepts():
+    """Issue 16 item 4: every `benchmarks/run.py` command the benchmark section shows parses (its profile exists), and
+    the GPU launcher it names is there."""
+    section = readme().split("\n## Benchmarks", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"python benchmarks/run\.py([^\n`#]*)", section)
+    assert any("--profile cpu_budget" in c for c in commands), "the budget sweep's command is missing"
+    spec = importlib.util.spec_from_file_location("bench_run_readme", ROOT / "benchmarks" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    for command in commands:
+        run.parse_args(shlex.split(command))
+    assert "bash scripts/gpu_benchmark.sh" in section and (ROOT / "scripts" / "gpu_benchmark.sh").is_file()
 
 
 def quickstart() -> str:

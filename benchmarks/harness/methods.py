@@ -4,9 +4,11 @@ Every builder returns a `Built`: the model (on the device), how long constructio
 training hooks (AdaLoRA's rank allocation, MFTC's spectral coordination) and facts for the JSON line. A method that
 cannot be built for a task raises `Skip` with the reason, which is recorded instead of a result.
 
-Matched budgets: `ctx.lora_budget` is LoRA r=8's trainable count without the head (computed by building LoRA);
-MFTC's budget is that number. The ablations use `ctx.match_budget`: MFTC's selected count for the same task and seed
-when MFTC ran first in this invocation, else the LoRA budget.
+Matched budgets: `ctx.lora_budget` is the trainable count without the head of LoRA at rank `ctx.rank` (8 unless a
+budget sweep sets 8 x multiple; computed by building LoRA); MFTC's budget is that number. The rank-based peers (LoRA,
+PiSSA, SHiRA, AdaLoRA's final rank) use `ctx.rank`, AdaMSS fits its rank to `ctx.lora_budget`. The ablations use
+`ctx.match_budget`: MFTC's selected count for the same task, seed and budget when MFTC ran first in this invocation,
+else the LoRA budget.
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ from mftc_peft import MFTCConfig, SpectralCoordinator
 from mftc_peft.training import TrainHooks
 
 from . import selections
+from .profiles import LORA_R
 from .tasks import Task
 
-LORA_R, LORA_ALPHA = 8, 16
-ADALORA_INIT_R, ADALORA_TARGET_R = 12, 8  # final budget = LoRA r=8's rank total; starts 1.5x wider and is pruned
+# lora_alpha = 2r keeps LoRA's scale alpha / r at 2 (alpha 16 at r=8, as before) at every rank of a budget sweep: with
+# alpha fixed, r=2 and r=32 would differ 16x in scale and the best learning rate would move off a shared grid.
+LORA_ALPHA_PER_RANK = 2
+ADALORA_INIT_WIDTH = 1.5  # AdaLoRA starts 1.5x wider than its final rank (12 -> 8 at 1x) and is pruned to it
 SPECTRAL_BETA, SPECTRAL_LAMBDA = 0.1, 1e-3  # mftc_spectral: gradient low-pass strength and Laplacian weight (not swept)
 ADAMSS_SUBSPACES, ADAMSS_SUBSPACE_RANK = 5, 4  # K subspaces of rank s (peft's typical 1-4); R fitted
 
@@ -44,6 +49,7 @@ class Context:
     lora_budget: int
     match_budget: int
     warmup_batches: Callable  # () -> a fresh iterator over the seed's warm-up batches (the same for every method)
+    rank: int = LORA_R  # LoRA's rank at this budget (8 x the budget multiple)
     mftc_overrides: dict = field(default_factory=dict)  # MFTCConfig fields for MFTC and its ablations (studies)
 
 
@@ -64,31 +70,33 @@ def _timed_peft(model, config) -> tuple[torch.nn.Module, float]:
 
 
 def lora_config(ctx: Context, **extra) -> LoraConfig:
-    return LoraConfig(task_type=ctx.task.task_type, r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-                      target_modules=ctx.task.targets, **extra)
+    return LoraConfig(task_type=ctx.task.task_type, r=ctx.rank, lora_alpha=LORA_ALPHA_PER_RANK * ctx.rank,
+                      lora_dropout=0.0, target_modules=ctx.task.targets, **extra)
 
 
 def build_lora(model, ctx):
     peft_model, seconds = _timed_peft(model.to(ctx.device), lora_config(ctx))
-    return Built(peft_model, setup_seconds=seconds, info={"config": {"r": LORA_R, "lora_alpha": LORA_ALPHA}})
+    return Built(peft_model, setup_seconds=seconds,
+                 info={"config": {"r": ctx.rank, "lora_alpha": LORA_ALPHA_PER_RANK * ctx.rank}})
 
 
 def build_pissa(model, ctx):
     peft_model, seconds = _timed_peft(model.to(ctx.device), lora_config(ctx, init_lora_weights="pissa"))
-    return Built(peft_model, setup_seconds=seconds, info={"config": {"r": LORA_R, "init_lora_weights": "pissa"}})
+    return Built(peft_model, setup_seconds=seconds, info={"config": {"r": ctx.rank, "init_lora_weights": "pissa"}})
 
 
 def build_adalora(model, ctx):
     steps = ctx.steps
     tinit, tfinal = steps // 10, steps // 5  # prune ranks between 10% and 80% of training, then keep them
+    init_r = max(ctx.rank + 1, round(ADALORA_INIT_WIDTH * ctx.rank))  # something to prune even at r=1
     config = AdaLoraConfig(
-        task_type=ctx.task.task_type, init_r=ADALORA_INIT_R, target_r=ADALORA_TARGET_R, lora_alpha=LORA_ALPHA,
+        task_type=ctx.task.task_type, init_r=init_r, target_r=ctx.rank, lora_alpha=LORA_ALPHA_PER_RANK * ctx.rank,
         total_step=steps, tinit=tinit, tfinal=tfinal, deltaT=max(1, steps // 20), target_modules=ctx.task.targets,
     )
     peft_model, seconds = _timed_peft(model.to(ctx.device), config)
     hooks = TrainHooks(after_step=lambda step: peft_model.base_model.update_and_allocate(step))
     built = Built(peft_model, setup_seconds=seconds, hooks=hooks,
-                  info={"config": {"init_r": ADALORA_INIT_R, "target_r": ADALORA_TARGET_R, "tinit": tinit,
+                  info={"config": {"init_r": init_r, "target_r": ctx.rank, "tinit": tinit,
                                    "tfinal": tfinal, "total_step": steps}})
     built.info["finalize"] = lambda: {"adalora_final_rank_params": adalora_final_params(peft_model)}
     return built
@@ -106,10 +114,11 @@ def adalora_final_params(peft_model) -> int:
 
 
 def build_shira(model, ctx):
-    config = ShiraConfig(task_type=ctx.task.task_type, r=LORA_R, target_modules=ctx.task.targets,
+    # SHiRA trains r x (in + out) entries per weight: exactly LoRA's count at the same rank.
+    config = ShiraConfig(task_type=ctx.task.task_type, r=ctx.rank, target_modules=ctx.task.targets,
                          random_seed=ctx.seed)
     peft_model, seconds = _timed_peft(model.to(ctx.device), config)
-    return Built(peft_model, setup_seconds=seconds, info={"config": {"r": LORA_R, "mask_type": "random"}})
+    return Built(peft_model, setup_seconds=seconds, info={"config": {"r": ctx.rank, "mask_type": "random"}})
 
 
 def build_adamss(model, ctx):
@@ -314,8 +323,8 @@ def build(method: str, model, ctx: Context) -> Built:
     return BUILDERS[method](model, ctx)
 
 
-def lora_budget(task: Task) -> int:
-    """LoRA r=8's trainable elements without the head, counted on a built LoRA model."""
+def lora_budget(task: Task, rank: int = LORA_R) -> int:
+    """LoRA's trainable elements at `rank` without the head, counted on a built LoRA model."""
     model = task.load_model(seed=0)
-    peft_model = get_peft_model(model, LoraConfig(task_type=task.task_type, r=LORA_R, target_modules=task.targets))
+    peft_model = get_peft_model(model, LoraConfig(task_type=task.task_type, r=rank, target_modules=task.targets))
     return sum(p.numel() for n, p in peft_model.named_parameters() if p.requires_grad and not task.is_head(n))

@@ -1,4 +1,5 @@
-"""Paired statistics for the method lab: each variant at its own best learning rate, paired differences over seeds.
+"""Paired statistics for the method lab and the benchmark's tables: each variant at its own best learning rate, paired
+differences over seeds.
 
 A seed fixes the data order and the head initialisation for every variant, so variant A and variant B at seed s saw
 the same batches; the difference A(s) - B(s) removes that shared noise. The 95% interval is Student's t over the
@@ -48,6 +49,16 @@ class PairedDifference:
         if self.high < 0:
             return "worse"
         return "within noise"
+
+
+def standing(d: PairedDifference, *, higher_is_better: bool = True) -> str:
+    """Where A stands against B in the metric's own direction, for tables that must never call noise a win: "ahead"
+    or "behind" only when the 95% interval of A - B excludes 0, "within noise" when it covers 0, "too few seeds"
+    below two pairs."""
+    verdict = d.verdict  # "better" / "worse" in higher-is-better terms
+    if verdict not in ("better", "worse"):
+        return verdict
+    return "ahead" if (verdict == "better") == higher_is_better else "behind"
 
 
 def pick_variants(records: list[dict], metric: str, *, higher_is_better: bool = True) -> dict[str, VariantPick]:

@@ -15,7 +15,7 @@ import torch
 from mftc_peft.training import iterate_batches, train_steps
 
 from .measures import adapter_bytes, device_name, peak_memory, selection_summary, trainable_counts, versions
-from .methods import Context, Skip, build
+from .methods import LORA_R, Context, Skip, build
 from .profiles import PROFILES
 from .tasks import make_task, trim_padding
 
@@ -24,8 +24,8 @@ WARMUP_SEED_OFFSET = 10_000  # warm-up batches: their own seeded stream, the sam
 
 def run_one(spec: dict) -> dict:
     """`spec`: profile, phase ('sweep' | 'test'), task, method, seed, lr, lr_swept, device, lora_budget,
-    match_budget, budget_source, and optionally mftc_config (MFTCConfig overrides). Returns the JSON record (status
-    'ok', 'skipped' or 'failed')."""
+    match_budget, budget_source, and optionally mftc_config (MFTCConfig overrides) and lora_rank (a budget sweep's
+    rank; default 8). Returns the JSON record (status 'ok', 'skipped' or 'failed')."""
     profile = PROFILES[spec["profile"]]
     settings = profile.settings[spec["task"]]
     task = make_task(spec["task"], settings, tiny=profile.tiny_models)
@@ -53,6 +53,7 @@ def _run(spec: dict, task, device: torch.device) -> dict:
     ctx = Context(
         task=task, seed=seed, steps=steps, device=device, lora_budget=spec["lora_budget"],
         match_budget=spec["match_budget"], mftc_overrides=dict(spec.get("mftc_config") or {}),
+        rank=int(spec.get("lora_rank", LORA_R)),
         warmup_batches=lambda: map(trim_padding, iterate_batches(splits.train, bs, seed=WARMUP_SEED_OFFSET + seed,
                                                                  epochs=None)),
     )
