@@ -130,7 +130,8 @@ def tables(records: list[dict]) -> str:
         scale, unit = (100.0, "pt") if task == "cls" else (1.0, "ppl")
         steps = sorted({r.get("steps") for r in mine if r.get("steps")})
         sections.append(f"## {profile} profile, {task}: {metric} ({'higher' if higher else 'lower'} is better), "
-                        f"steps {steps}\n\n" + paired.paired_table(picks, REFERENCES, scale=scale, unit=unit)
+                        f"steps {steps}\n\n" + paired.paired_table(picks, REFERENCES, scale=scale, unit=unit,
+                                                                     higher_is_better=higher)
                         + "\nMean over seeds at every rate of each bracket (bold: the pick):\n\n"
                         + paired.lr_table(picks))
         if task in SECOND_METRIC:

@@ -27,6 +27,17 @@ def test_each_variant_gets_its_best_rate_and_edges_are_flagged():
     assert lower["a"].lr == 4e-3
 
 
+def test_a_bracket_swept_on_fewer_seeds_picks_on_them_and_compares_on_every_seed_at_the_pick():
+    rows = records("a", {1e-3: [0.70], 2e-3: [0.75, 0.77, 0.60], 4e-3: [0.71]})
+    rows += records("b", {2e-3: [0.74, 0.70, 0.65]})
+    pick = paired.pick_variants(rows, "val_accuracy")["a"]
+    assert pick.lr == 2e-3 and not pick.on_edge and pick.pick_seeds == 1
+    assert pick.lr_means == {1e-3: 0.70, 2e-3: 0.75, 4e-3: 0.71}  # seed 0 only: the seeds that ran every rate
+    assert pick.by_seed == {0: 0.75, 1: 0.77, 2: 0.60}
+    text = paired.paired_table(paired.pick_variants(rows, "val_accuracy"), ("b",))
+    assert "(picked on 1 seed)" in text and "| a | 0.002 |" in text and "| 3 |" in text
+
+
 def test_paired_difference_is_a_t_interval_over_seed_differences():
     a = {0: 0.80, 1: 0.78, 2: 0.81, 3: 0.79}
     b = {0: 0.76, 1: 0.77, 2: 0.78, 3: 0.75, 4: 0.99}  # seed 4 has no partner: left out

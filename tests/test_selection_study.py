@@ -115,3 +115,20 @@ def test_a_profile_bracket_overrides_the_task_bracket_and_lr_overrides_both():
     short = selection_study.parse_args(["--variants", "default"])
     assert selection_study.bracket(short, "default") == selection_study.BRACKETS["cls"]["default"]
     assert selection_study.bracket(selection_study.parse_args(["--lr", "1e-3"]), "default") == (1e-3,)
+
+
+def test_language_model_verdicts_follow_perplexity_direction():
+    import selection_study
+
+    rows = [{"status": "ok", "profile": "cpu", "task": "lm", "variant": variant, "lr": lr, "seed": seed, "steps": 40,
+             "val_perplexity": value + seed * 0.1 + (lr == 3e-3) * -1.0}
+            for variant, value in (("default", 42.0), ("random_blocks", 41.0), ("lora", 39.0))
+            for lr in (1e-3, 3e-3, 1e-2) for seed in range(3)]
+    text = selection_study.tables(rows)
+    line = {}
+    for row in text.splitlines():  # the paired table's row of each variant (the rate table repeats the names)
+        if row.startswith("| "):
+            line.setdefault(row.split(" | ")[0].strip("| "), row)
+    # default is 1 perplexity point above random blocks on every seed: worse, not better
+    assert "+1.00 [+1.00, +1.00] worse" in line["default"] and "-2.00 [-2.00, -2.00] better" in line["lora"]
+    assert text.index("| lora |") < text.index("| default |")  # best (lowest perplexity) first

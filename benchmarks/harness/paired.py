@@ -21,8 +21,9 @@ class VariantPick:
     variant: str
     lr: float
     on_edge: bool  # the best rate is the smallest or largest of the bracket
-    by_seed: dict[int, float]  # the metric at the picked rate, per seed
-    lr_means: dict[float, float]  # mean over seeds at every rate of the bracket
+    by_seed: dict[int, float]  # the metric at the picked rate, per seed (every seed that ran it)
+    lr_means: dict[float, float]  # mean at every rate of the bracket, over the seeds that ran all of them
+    pick_seeds: int = 0  # how many seeds ran the whole bracket (the pick's evidence)
 
     @property
     def mean(self) -> float:
@@ -62,7 +63,9 @@ def standing(d: PairedDifference, *, higher_is_better: bool = True) -> str:
 
 
 def pick_variants(records: list[dict], metric: str, *, higher_is_better: bool = True) -> dict[str, VariantPick]:
-    """Each variant's best learning rate by mean `metric` over the seeds that ran at every rate of its bracket."""
+    """Each variant's best learning rate by mean `metric` over the seeds that ran at every rate of its bracket; the
+    pick then carries every seed that ran at that rate, so that a bracket swept on a few seeds can be compared at its
+    picked rate on all of them (the table says how many seeds the pick rests on)."""
     values: dict[str, dict[float, dict[int, float]]] = {}
     for r in records:
         if r.get("status") == "ok" and r.get(metric) is not None:
@@ -76,7 +79,7 @@ def pick_variants(records: list[dict], metric: str, *, higher_is_better: bool = 
         best = (max if higher_is_better else min)(means, key=means.get)
         rates = sorted(means)
         on_edge = len(rates) < 3 or best in (rates[0], rates[-1])
-        picks[variant] = VariantPick(variant, best, on_edge, {s: by_lr[best][s] for s in sorted(common)}, means)
+        picks[variant] = VariantPick(variant, best, on_edge, dict(sorted(by_lr[best].items())), means, len(common))
     return picks
 
 
@@ -103,6 +106,8 @@ def paired_table(picks: dict[str, VariantPick], references: tuple[str, ...], *, 
     sign = 1.0 if higher_is_better else -1.0
     for pick in sorted(picks.values(), key=lambda p: -sign * p.mean):
         bracket = ", ".join(f"{lr:g}" for lr in pick.lr_means) + (" (best on edge)" if pick.on_edge else "")
+        if pick.pick_seeds < len(pick.by_seed):
+            bracket += f" (picked on {pick.pick_seeds} seed{'s' if pick.pick_seeds > 1 else ''})"
         row = [pick.variant, f"{pick.lr:g}", bracket, str(len(pick.by_seed)), f"{pick.mean:.4f}", f"{pick.std:.4f}"]
         for ref in refs:
             if ref == pick.variant:
@@ -118,7 +123,8 @@ def paired_table(picks: dict[str, VariantPick], references: tuple[str, ...], *, 
 
 
 def lr_table(picks: dict[str, VariantPick]) -> str:
-    """Markdown: every variant's mean at every rate of its bracket (the curve the pick was made from)."""
+    """Markdown: every variant's mean at every rate of its bracket, over the seeds that ran all of them (the curve
+    the pick was made from)."""
     rates = sorted({lr for p in picks.values() for lr in p.lr_means})
     lines = ["| variant | " + " | ".join(f"{lr:g}" for lr in rates) + " |", "|---|" + "---|" * len(rates)]
     for pick in sorted(picks.values(), key=lambda p: p.variant):
