@@ -6,6 +6,7 @@ float checkpoint: compare runs with each other, not with published numbers.
 
     python examples/causal_lm_smollm2.py                    # a few minutes on 2 CPU cores (the warm-up dominates)
     python examples/causal_lm_smollm2.py --max-steps 2 --warmup-steps 2 --eval-chunks 4 --batch-size 2
+    python examples/causal_lm_smollm2.py --dtype bfloat16   # a bfloat16 base, float32 deltas
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from mftc_peft import MFTCConfig  # noqa: E402
 from mftc_peft.training import evaluate, iterate_batches, make_batches, train_steps  # noqa: E402
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-steps", type=int, default=10, help="optimiser steps (default 10)")
@@ -35,6 +39,9 @@ def parse_args(argv=None):
     parser.add_argument("--budget", type=float, default=0.01, help="share of the target weights MFTC may train")
     parser.add_argument("--lr", type=float, default=3e-4, help="a default, not tuned")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="the base model's dtype; the trained deltas stay float32 on a bfloat16 base (PEFT's "
+                             "autocast_adapter_dtype)")
     parser.add_argument("--output-dir", default="mftc-smollm2-hamlet")
     return parser.parse_args(argv)
 
@@ -59,7 +66,7 @@ def main(argv=None) -> dict:
     acts = mftc_peft.assets.load_hamlet_acts()
     train = chunks(tokenizer, "\n".join(acts[:4]), args.chunk_length)
     test = chunks(tokenizer, acts[4], args.chunk_length, limit=args.eval_chunks)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[args.dtype])
     peft_model = get_peft_model(
         model, MFTCConfig(task_type="CAUSAL_LM", budget=args.budget, warmup_steps=args.warmup_steps, seed=args.seed)
     )
@@ -79,7 +86,9 @@ def main(argv=None) -> dict:
           "base weights carry 4-bit rounding noise)")
     peft_model.save_pretrained(args.output_dir)
     report.to_json(os.path.join(args.output_dir, "warmup_report.json"))
-    return {"perplexity_before": before, "perplexity_after": after, "train_losses": log.losses}
+    trained = {str(p.dtype) for p in peft_model.parameters() if p.requires_grad}
+    return {"perplexity_before": before, "perplexity_after": after, "train_losses": log.losses,
+            "trained_dtypes": sorted(trained)}
 
 
 if __name__ == "__main__":

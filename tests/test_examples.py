@@ -43,11 +43,13 @@ def test_load_merge_switch(tmp_path):
 
 
 @pytest.mark.slow  # first use dequantises the packaged 4-bit GGUF (~30 s); the warm-up on 30 layers is slow on CPU
-def test_causal_lm_smollm2(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_causal_lm_smollm2(tmp_path, dtype):
     result = load("causal_lm_smollm2").main([
         "--max-steps", "2", "--warmup-steps", "2", "--batch-size", "2", "--chunk-length", "32", "--eval-chunks", "2",
-        "--output-dir", str(tmp_path / "out"),
+        "--output-dir", str(tmp_path / "out"), "--dtype", dtype,
     ])
     assert result["perplexity_before"] > 1 and result["perplexity_after"] > 1
     assert len(result["train_losses"]) == 2
+    assert result["trained_dtypes"] == ["torch.float32"]  # on a bfloat16 base too (PEFT's autocast_adapter_dtype)
     assert (tmp_path / "out" / "adapter_config.json").is_file()
