@@ -3,7 +3,6 @@ matched trainable count, and writes one JSON line; the report is generated from 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,16 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from benchmark_modules import load_benchmark as _load
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 MAX_BLOCK = 1024  # largest block of the tiny BERT (32 FFN rows x hidden 32): greedy fills land within one block
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _records(path: Path) -> dict[str, dict]:

@@ -4,13 +4,13 @@ report draws and tables every budget."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
 
 import pytest
+from benchmark_modules import load_benchmark as _load
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -20,13 +20,6 @@ from harness.profiles import PROFILES, rank_for  # noqa: E402
 
 MAX_BLOCK = 1024  # largest block of the tiny BERT (32 FFN rows x hidden 32): greedy fills land within one block
 SMOKE_BUDGETS = (0.25, 1.0, 2.0)  # the tiny BERT cannot hold 4x (SHiRA refuses r=32 on a 32 x 32 weight)
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_rank_follows_the_budget():

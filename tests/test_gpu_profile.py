@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -12,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from benchmark_modules import load_benchmark as _load
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
@@ -21,13 +21,6 @@ from harness.profiles import ALL_METHODS, PROFILES  # noqa: E402
 
 REQUIRED = ("mftc", "lora", "adalora", "pissa")
 ABLATIONS = ("random_blocks", "top_energy", "mftc_no_search", "mftc_no_cluster")
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_gpu_profile_has_the_protocols_sizes():
