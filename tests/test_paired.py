@@ -58,11 +58,11 @@ def test_table_names_the_verdict_against_each_reference():
     rows += records("random_blocks", {1e-3: [0.70, 0.70, 0.70], 2e-3: [0.75, 0.76, 0.77], 4e-3: [0.7, 0.7, 0.7]})
     text = paired.paired_table(paired.pick_variants(rows, "val_accuracy"), ("random_blocks", "lora"))
     mine = next(line for line in text.splitlines() if line.startswith("| mine |"))
-    assert "+5.33 [" in mine and mine.endswith("better |")
+    assert "+5.33 [" in mine and mine.endswith("ahead |")
     assert "vs lora" not in text  # a reference that did not run gets no column
 
 
-def test_a_lower_loss_is_called_better_in_a_loss_table():
+def test_a_lower_loss_is_called_ahead_in_a_loss_table():
     rows = [r | {"val_loss": 1.0 - r.pop("val_accuracy")} for r in
             records("mine", {1e-3: [0.70, 0.71, 0.72], 2e-3: [0.80, 0.81, 0.83], 4e-3: [0.6, 0.6, 0.6]})
             + records("random_blocks", {1e-3: [0.7, 0.7, 0.7], 2e-3: [0.75, 0.76, 0.77], 4e-3: [0.7, 0.7, 0.7]})]
@@ -71,5 +71,5 @@ def test_a_lower_loss_is_called_better_in_a_loss_table():
                               digits=3)
     lines = [line for line in text.splitlines() if line.startswith("| mine |") or line.startswith("| random")]
     assert lines[0].startswith("| mine |")  # best (lowest loss) first
-    assert "-0.053 [" in lines[0] and lines[0].endswith("better | - |")
-    assert lines[1].endswith("worse |")
+    assert "-0.053 [" in lines[0] and lines[0].endswith("ahead | - |")
+    assert lines[1].endswith("behind |")

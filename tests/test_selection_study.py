@@ -129,6 +129,6 @@ def test_language_model_verdicts_follow_perplexity_direction():
     for row in text.splitlines():  # the paired table's row of each variant (the rate table repeats the names)
         if row.startswith("| "):
             line.setdefault(row.split(" | ")[0].strip("| "), row)
-    # default is 1 perplexity point above random blocks on every seed: worse, not better
-    assert "+1.00 [+1.00, +1.00] worse" in line["default"] and "-2.00 [-2.00, -2.00] better" in line["lora"]
+    # default is 1 perplexity point above random blocks on every seed: behind, not ahead
+    assert "+1.00 [+1.00, +1.00] behind" in line["default"] and "-2.00 [-2.00, -2.00] ahead" in line["lora"]
     assert text.index("| lora |") < text.index("| default |")  # best (lowest perplexity) first

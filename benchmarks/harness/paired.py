@@ -99,7 +99,7 @@ def paired_difference(a: dict[int, float], b: dict[int, float], *, confidence: f
 def paired_table(picks: dict[str, VariantPick], references: tuple[str, ...], *, scale: float = 100.0,
                  unit: str = "pt", higher_is_better: bool = True, digits: int = 2) -> str:
     """Markdown: every variant at its picked rate, and its paired difference against each reference present.
-    The verdict follows the metric's direction: a lower loss is "better"."""
+    The verdict follows the metric's direction (`standing`): a lower loss is "ahead"."""
     refs = [r for r in references if r in picks]
     head = ["variant", "picked lr", "bracket", "seeds", "mean", "std"] + [f"vs {r} ({unit}, 95% CI)" for r in refs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -114,8 +114,7 @@ def paired_table(picks: dict[str, VariantPick], references: tuple[str, ...], *, 
                 row.append("-")
                 continue
             d = paired_difference(pick.by_seed, picks[ref].by_seed)
-            bounds = sorted((sign * d.low, sign * d.high))
-            verdict = PairedDifference(d.n, sign * d.mean, *bounds).verdict  # in "higher is better" terms
+            verdict = standing(d, higher_is_better=higher_is_better)
             row.append(f"{scale * d.mean:+.{digits}f} [{scale * d.low:+.{digits}f}, {scale * d.high:+.{digits}f}] "
                        f"{verdict}")
         lines.append("| " + " | ".join(row) + " |")
