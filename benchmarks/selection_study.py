@@ -54,7 +54,8 @@ VARIANTS = {
     "energy_steps": ("mftc", {"step_scale": "energy"}),
     "reselect_16": ("mftc", {"reselect_every": 16, "reselect_fraction": 0.25}),
     "consistency": ("mftc", {"block_score": "consistency"}),
-    "proportional_top": ("proportional_top", {}),
+    "proportional_top": ("proportional_top", {}),  # the next one's selection on the lab's measurement
+    "proportional": ("mftc", {"allocation": "proportional"}),
     "middle_band": ("middle_band", {}),
 }
 # Learning-rate brackets (classification): block selections peaked at 5e-3 in the cpu profile, LoRA at 2e-3 (it

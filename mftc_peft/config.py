@@ -9,6 +9,7 @@ from typing import Optional, Union
 from peft.config import PeftConfig
 
 from . import defaults
+from .allocation import ALLOCATIONS
 from .blocks import AXIS_CHOICES
 from .checks import check_bool, check_choice, check_int, check_names, check_range, check_regex, is_int, is_real
 from .graph import SIMILARITIES
@@ -153,6 +154,14 @@ class MFTCConfig(PeftConfig):
             "candidates are offered truncated to their highest-energy blocks at 0.5x, 1x, ... up to this multiple."
         },
     )
+    allocation: str = field(
+        default="search",
+        metadata={
+            "help": "Where the budget goes: 'search' (the constrained module search over DSCA's modules decides) or "
+            "'proportional' (each target weight gets blocks in proportion to its block count, as uniformly random "
+            "blocks would, filled with its highest-energy blocks; no probes, no search)."
+        },
+    )
     probe: str = field(
         default="taylor",
         metadata={
@@ -250,6 +259,8 @@ class MFTCConfig(PeftConfig):
         check_choice("signature_kind", self.signature_kind, SIGNATURE_KINDS)
         check_choice("similarity", self.similarity, SIMILARITIES)
         check_choice("probe", self.probe, PROBES)
+        check_choice("allocation", self.allocation, ALLOCATIONS)
+        _check_search_fields_unused(self)
         check_choice("block_score", self.block_score, BLOCK_SCORES)
         if self.block_score != "energy" and self.probe != "taylor":
             raise ValueError(f"`block_score` {self.block_score!r} needs probe='taylor', got probe={self.probe!r}")
@@ -279,6 +290,21 @@ class MFTCConfig(PeftConfig):
             raise ValueError(f"`probe_lr` must be a positive number, got {self.probe_lr!r}")
         if self.loss_threshold is not None and not is_real(self.loss_threshold):
             raise ValueError(f"`loss_threshold` must be a number or None, got {self.loss_threshold!r}")
+
+
+def _check_search_fields_unused(config) -> None:
+    """Proportional allocation runs no probe and no search: a field that only they read would be silently ignored."""
+    if config.allocation != "proportional":
+        return
+    ignored = {name: value for name, value, default in (
+        ("probe", config.probe, "taylor"), ("block_score", config.block_score, "energy"),
+        ("loss_threshold", config.loss_threshold, None), ("confidence", config.confidence, 0.0),
+    ) if value != default}
+    if ignored:
+        raise ValueError(
+            f"allocation='proportional' runs no module search, so these fields would have no effect; leave them at "
+            f"their defaults or use allocation='search', got {ignored!r}"
+        )
 
 
 def _check_module_fields(config) -> None:

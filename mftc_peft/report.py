@@ -33,8 +33,9 @@ class WarmupReport:
     nodes : (module name, block id) of every block, in the order of `labels` and the graph.
     labels : DSCA module label of every block after the last update.
     modules : the module library (blocks, size, energy, stability per module).
-    candidates : per search node, its candidates with size, predicted gain / loss delta and spread.
-    solver : objective, LP bound, gap, method and status of the constrained selection.
+    candidates : per search node, its candidates with size, predicted gain / loss delta and spread (empty with
+        `allocation="proportional"`, which runs no module search).
+    solver : objective, LP bound, gap, method and status of the constrained selection (empty likewise).
     diagnostics : energy concentration kappa(r), stability (ARI/NMI), subspace drift, eigengap, eigenvalues.
     timings : seconds per stage ('signatures', 'dsca', 'probe', 'search', 'inject', 'total').
     selected_blocks : one record per selected block: module, block, layer (-1 if unknown), size, DSCA label.
@@ -130,8 +131,9 @@ def build_report(*, selection, measurement, space, result, gain_model, loss_mode
         nodes=[list(node) for node in nodes],
         labels=[int(label) for label in dsca.labels_],
         modules=[_module_record(module, nodes) for module in dsca.modules_],
-        candidates=_candidate_records(space, gain_model, loss_model),
-        solver={k: v for k, v in asdict(result).items() if k != "chosen"} | {"chosen": list(result.chosen)},
+        # Without a module search (`allocation="proportional"`) there are no candidates and no solver result.
+        candidates=[] if space is None else _candidate_records(space, gain_model, loss_model),
+        solver={} if result is None else _solver_record(result),
         diagnostics=_diagnostics(dsca) | {"node_layers": [_layer(name) for name, _ in nodes]},
         selected_blocks=[
             {"module": name, "block": b, "layer": _layer(name), "size": grids[name].numel([b]),
@@ -142,6 +144,10 @@ def build_report(*, selection, measurement, space, result, gain_model, loss_mode
     )
     report.attach_graph(dsca.affinity_)
     return report
+
+
+def _solver_record(result) -> dict:
+    return {k: v for k, v in asdict(result).items() if k != "chosen"} | {"chosen": list(result.chosen)}
 
 
 def _module_record(module, nodes) -> dict:

@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from .allocation import proportional_selection
 from .context import WarmupRun
 from .measure import BlockMeasurement, measure
 from .model import mftc_tuner
@@ -92,6 +93,29 @@ def compute_selection(
     grids = tuner.block_grids(adapter_name)
     target_elements = sum(g.in_features * g.out_features for g in grids.values())
     budget = budget_elements(run.config.budget, target_elements)
+    if run.config.allocation == "proportional":
+        # No module search: the weights' sizes fix where the budget goes, energy which blocks (`allocation.py`).
+        space = result = gain_model = loss_model = None
+        with run.timed("search"):
+            selection = _broadcast(proportional_selection(measurement.table, budget))
+        if not selection:
+            logger.warning("MFTC warm-up: the budget (%s elements) holds no block; the adapter trains none", budget)
+    else:
+        space, result, gain_model, loss_model = _search(run, measurement, budget)
+        selection = _broadcast(space.selection(result.chosen))
+        if not selection:
+            _warn_empty(space, budget)
+    report = build_report(
+        selection=selection, measurement=measurement, space=space, result=result, gain_model=gain_model,
+        loss_model=loss_model, grids=grids, budget=budget, target_elements=target_elements, config=run.config,
+    )
+    if run.config.step_scale == "energy":
+        report.step_scales = energy_step_scales(measurement.table, selection, power=run.config.step_scale_power)
+    return selection, report
+
+
+def _search(run: WarmupRun, measurement: BlockMeasurement, budget: int):
+    """The module search: candidates per node, their predicted values, the constrained choice."""
     with run.timed("probe"):
         space = build_search_space(
             measurement.library, measurement.table, grouping=run.config.node_grouping,
@@ -106,16 +130,7 @@ def compute_selection(
             loss_limit=run.config.loss_threshold,
             spread=gain_model.spread, confidence=run.config.confidence, method=run.config.search_method,
         )
-        selection = _broadcast(space.selection(result.chosen))
-    if not selection:
-        _warn_empty(space, budget)
-    report = build_report(
-        selection=selection, measurement=measurement, space=space, result=result, gain_model=gain_model,
-        loss_model=loss_model, grids=grids, budget=budget, target_elements=target_elements, config=run.config,
-    )
-    if run.config.step_scale == "energy":
-        report.step_scales = energy_step_scales(measurement.table, selection, power=run.config.step_scale_power)
-    return selection, report
+    return space, result, gain_model, loss_model
 
 
 def _probe(run: WarmupRun, space: SearchSpace, measurement: BlockMeasurement):

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mftc_peft.allocation import proportional_quotas, proportional_selection
 from mftc_peft.measure import measure_blocks
 from mftc_peft.predictor import models_from_probes
 from mftc_peft.probes import taylor_probe
@@ -125,29 +126,11 @@ def energy_sampled_selection(measurement: Measurement, budget: int, seed: int, p
     return _fill(table, np.argsort(-keys, kind="stable"), budget)
 
 
-def proportional_quotas(table: BlockTable, budget: int) -> list[tuple[np.ndarray, int]]:
-    """(rows of a weight, its quota) for every weight: a number of blocks proportional to the weight's block count
-    (what uniform sampling gives in expectation), largest remainders rounding."""
-    names = np.array(table.module_names)
-    weights = list(dict.fromkeys(table.module_names))
-    n_budget = int(budget // max(int(np.median(table.sizes)), 1))
-    share = np.array([np.sum(names == w) for w in weights], dtype=float)
-    exact = n_budget * share / share.sum()
-    quota = np.floor(exact).astype(int)
-    quota[np.argsort(-(exact - quota), kind="stable")[: n_budget - quota.sum()]] += 1
-    return [(np.flatnonzero(names == w), int(k)) for w, k in zip(weights, quota)]
-
-
 def proportional_top_selection(measurement: Measurement, budget: int) -> dict[str, list[int]]:
-    """Random blocks' spread with the gradients' choice inside it: every weight's quota (`proportional_quotas`)
-    filled with its highest-energy blocks. Tests whether MFTC loses by where it puts the budget (layers, roles) or
-    by which blocks."""
-    table = measurement.table
-    rows = []
-    for mine, k in proportional_quotas(table, budget):
-        rows += mine[np.argsort(-table.energy[mine], kind="stable")][:k].tolist()
-    rows.sort(key=lambda r: -table.energy[r])  # if sizes differ, the budget keeps the strongest
-    return _fill(table, rows, budget)
+    """Random blocks' spread with the gradients' choice inside it: the product's `allocation="proportional"`
+    (`mftc_peft.allocation`) on this measurement. Tests whether MFTC loses by where it puts the budget or by which
+    blocks."""
+    return proportional_selection(measurement.table, budget)
 
 
 def proportional_band_selection(measurement: Measurement, budget: int, seed: int,

@@ -1,0 +1,80 @@
+"""Proportional allocation (`MFTCConfig.allocation="proportional"`): quotas by block count, the highest-energy blocks
+inside each weight, the warm-up that uses them, and the fields it refuses."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+from test_warmup import token_batches, warm_model
+
+import mftc_peft
+from mftc_peft import MFTCConfig
+from mftc_peft.allocation import proportional_quotas, proportional_selection
+from mftc_peft.search import BlockTable
+
+
+def _table(names, energy, sizes=None):
+    ids = [sum(1 for m in names[:i] if m == n) for i, n in enumerate(names)]
+    sizes = [10] * len(names) if sizes is None else sizes
+    return BlockTable(tuple(names), np.array(ids), np.array(sizes), np.array(energy, dtype=float))
+
+
+def test_quotas_follow_block_counts_and_sum_to_the_budget_in_blocks():
+    table = _table(["a"] * 6 + ["b"] * 3 + ["c"] * 1, np.ones(10))
+    quotas = {table.module_names[rows[0]]: k for rows, k in proportional_quotas(table, budget=50)}
+    # 5 blocks over counts 6 : 3 : 1 -> exact 3, 1.5, 0.5; the remainder goes to the first of the tied remainders
+    assert quotas == {"a": 3, "b": 2, "c": 0}
+    quotas = {table.module_names[rows[0]]: k for rows, k in proportional_quotas(table, budget=10_000)}
+    assert quotas == {"a": 6, "b": 3, "c": 1}  # never more than a weight has
+
+
+def test_each_weight_takes_its_highest_energy_blocks_not_the_globally_highest():
+    # Weight "a" holds the four strongest blocks overall; a global top-4 would take all of them.
+    energy = [9.0, 8.0, 7.0, 6.0, 0.1, 0.3, 0.2, 0.4]
+    table = _table(["a"] * 4 + ["b"] * 4, energy)
+    assert proportional_selection(table, budget=40) == {"a": [0, 1], "b": [1, 3]}
+
+
+def test_blocks_larger_than_the_median_are_dropped_rather_than_exceed_the_budget():
+    table = _table(["a", "a", "b", "b"], [1.0, 0.5, 4.0, 3.0], sizes=[10, 10, 30, 30])
+    selection = proportional_selection(table, budget=30)  # 1 block by the median (20); "a" and "b" tie, "a" first
+    assert selection == {"a": [0]}
+    table = _table(["a", "a", "b", "b"], [1.0, 0.5, 4.0, 3.0], sizes=[10, 10, 10, 30])
+    selection = proportional_selection(table, budget=25)  # 2 blocks: a0 and b0, the strongest first
+    used = sum(10 if (n, b) != ("b", 1) else 30 for n, ids in selection.items() for b in ids)
+    assert selection == {"a": [0], "b": [0]} and used <= 25
+
+
+def test_warmup_spreads_the_budget_like_the_quotas_and_ranks_by_energy_inside():
+    _, model = warm_model(allocation="proportional")
+    batches = token_batches(6)
+    table = mftc_peft.measure_blocks(model, batches).table
+    report = mftc_peft.warmup(model, batches, progress=False)
+    assert report.selection == proportional_selection(table, report.budget_elements)
+    counts = Counter({name: len(ids) for name, ids in report.selection.items()})
+    names = np.array(table.module_names)
+    quotas = {table.module_names[rows[0]]: k for rows, k in proportional_quotas(table, report.budget_elements)}
+    assert counts == Counter({name: k for name, k in quotas.items() if k})
+    for name, ids in report.selection.items():  # inside a weight, no unselected block has more energy
+        rows = np.flatnonzero(names == name)
+        chosen = np.isin(table.block_ids[rows], ids)
+        assert table.energy[rows][chosen].min() >= table.energy[rows][~chosen].max(initial=0.0)
+    assert report.solver == {} and report.candidates == []
+    assert 0 < report.trainable_elements <= report.budget_elements
+    # The module search on the same batches concentrates the budget differently.
+    _, searched = warm_model()
+    assert mftc_peft.warmup(searched, batches, progress=False).selection != report.selection
+
+
+@pytest.mark.parametrize("field, value", [("probe", "finetune"), ("block_score", "consistency"),
+                                          ("loss_threshold", 1.0), ("confidence", 1.0)])
+def test_proportional_allocation_refuses_the_search_fields_it_would_ignore(field, value):
+    with pytest.raises(ValueError, match=rf"allocation='proportional'.*{field}.*{value!r}"):
+        MFTCConfig(allocation="proportional", **{field: value})
+
+
+def test_an_unknown_allocation_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"`allocation` must be one of \('search', 'proportional'\), got 'spread'"):
+        MFTCConfig(allocation="spread")
