@@ -1,7 +1,7 @@
 """Sentiment classification with `MFTCTrainer`: the packaged MiniLM encoder on the packaged Rotten Tomatoes snippets.
 
-`MFTCTrainer` is a `transformers.Trainer` that runs MFTC's warm-up (block gradients -> DSCA clustering -> module
-search) on its training dataloader right before it creates the optimiser, so the optimiser holds only the selected
+`MFTCTrainer` is a `transformers.Trainer` that runs MFTC's warm-up (block gradients -> each weight's share of the
+budget) on its training dataloader right before it creates the optimiser, so the optimiser holds only the selected
 blocks and the classification head.
 
     python examples/sequence_classification_trainer.py                      # ~2-3 minutes on 2 CPU cores

@@ -155,11 +155,12 @@ class MFTCConfig(PeftConfig):
         },
     )
     allocation: str = field(
-        default="search",
+        default="proportional",
         metadata={
-            "help": "Where the budget goes: 'search' (the constrained module search over DSCA's modules decides) or "
-            "'proportional' (each target weight gets blocks in proportion to its block count, as uniformly random "
-            "blocks would, filled with its highest-energy blocks; no probes, no search)."
+            "help": "Where the budget goes: 'proportional' (each target weight gets blocks in proportion to its block "
+            "count, as uniformly random blocks would, filled with its highest-energy blocks; no probes, no search) "
+            "or 'search' (the constrained module search over DSCA's modules decides; the default before the method "
+            "lab showed it losing to random blocks on the LM, benchmarks/results/NOTES.md 26)."
         },
     )
     probe: str = field(
@@ -227,6 +228,13 @@ class MFTCConfig(PeftConfig):
         metadata={"help": "lambda >= 0: adds lambda * tr(Delta^T L Delta) over the block graph to the loss."},
     )
 
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        """PEFT's hook for a config read from a file: one saved before `allocation` existed was warmed up with the
+        module search, so it loads as allocation='search' (its other warm-up fields keep their meaning)."""
+        kwargs = super().check_kwargs(**kwargs)
+        return {"allocation": "search", **kwargs}
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = mftc_peft_type()
@@ -260,7 +268,6 @@ class MFTCConfig(PeftConfig):
         check_choice("similarity", self.similarity, SIMILARITIES)
         check_choice("probe", self.probe, PROBES)
         check_choice("allocation", self.allocation, ALLOCATIONS)
-        _check_search_fields_unused(self)
         check_choice("block_score", self.block_score, BLOCK_SCORES)
         if self.block_score != "energy" and self.probe != "taylor":
             raise ValueError(f"`block_score` {self.block_score!r} needs probe='taylor', got probe={self.probe!r}")
@@ -290,10 +297,12 @@ class MFTCConfig(PeftConfig):
             raise ValueError(f"`probe_lr` must be a positive number, got {self.probe_lr!r}")
         if self.loss_threshold is not None and not is_real(self.loss_threshold):
             raise ValueError(f"`loss_threshold` must be a number or None, got {self.loss_threshold!r}")
+        _check_search_fields_unused(self)  # after each field's own check, which names a bad value better
 
 
 def _check_search_fields_unused(config) -> None:
-    """Proportional allocation runs no probe and no search: a field that only they read would be silently ignored."""
+    """Proportional allocation runs no probe and no search: a field that only they read would be silently ignored
+    (`probe`, `block_score`, `loss_threshold`, `confidence`; the search's shape fields are harmless and left alone)."""
     if config.allocation != "proportional":
         return
     ignored = {name: value for name, value, default in (

@@ -3,6 +3,7 @@ inside each weight, the warm-up that uses them, and the fields it refuses."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -64,7 +65,7 @@ def test_warmup_spreads_the_budget_like_the_quotas_and_ranks_by_energy_inside():
     assert report.solver == {} and report.candidates == []
     assert 0 < report.trainable_elements <= report.budget_elements
     # The module search on the same batches concentrates the budget differently.
-    _, searched = warm_model()
+    _, searched = warm_model(allocation="search")
     assert mftc_peft.warmup(searched, batches, progress=False).selection != report.selection
 
 
@@ -78,3 +79,15 @@ def test_proportional_allocation_refuses_the_search_fields_it_would_ignore(field
 def test_an_unknown_allocation_is_refused_by_name():
     with pytest.raises(ValueError, match=r"`allocation` must be one of \('search', 'proportional'\), got 'spread'"):
         MFTCConfig(allocation="spread")
+
+
+def test_a_config_saved_before_allocation_existed_loads_as_the_search_it_was_made_with(tmp_path):
+    MFTCConfig(allocation="search", probe="finetune").save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    fields = json.loads(path.read_text())
+    del fields["allocation"]  # what an adapter saved by an earlier version holds
+    path.write_text(json.dumps(fields))
+    loaded = MFTCConfig.from_pretrained(tmp_path)
+    assert loaded.allocation == "search" and loaded.probe == "finetune"
+    MFTCConfig().save_pretrained(tmp_path / "new")
+    assert MFTCConfig.from_pretrained(tmp_path / "new").allocation == MFTCConfig().allocation == "proportional"

@@ -170,7 +170,7 @@ def test_block_ids_accept_numpy_and_torch_integers():
     ({"reselect_fraction": 0}, r"`reselect_fraction` must be a number in \(0, 1\], got 0"),
     ({"reselect_batches": 0}, r"`reselect_batches` must be a positive integer, got 0"),
     ({"block_score": "snr"}, r"`block_score` must be one of \('energy', 'consistency'\), got 'snr'"),
-    ({"block_score": "consistency", "probe": "finetune"}, r"`block_score` 'consistency' needs probe='taylor'"),
+    ({"allocation": "search", "block_score": "consistency", "probe": "finetune"}, r"`block_score` 'consistency' needs probe='taylor'"),
 ])
 def test_issue12_options_are_checked(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -85,7 +85,7 @@ def test_warmup_values_blocks_by_consistency_when_asked():
     import mftc_peft
     from test_warmup import token_batches, warm_model
 
-    _, model = warm_model(block_score="consistency")
+    _, model = warm_model(allocation="search", block_score="consistency")
     measurement = mftc_peft.measure_blocks(model, token_batches(6))
     table = measurement.table
     consistency = consistency_projections(measurement.projections, table.energy).mean(axis=0)

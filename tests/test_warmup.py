@@ -141,16 +141,17 @@ def test_same_seed_same_selection_and_seed_matters_through_the_config():
     assert all(not torch.equal(p, other[n]) for n, p in same.items())
 
 
-def test_failure_mid_warmup_leaves_model_bit_identical(monkeypatch):
-    case, model = warm_model()
+@pytest.mark.parametrize("allocation, stage", [("search", "_probe"), ("proportional", "proportional_selection")])
+def test_failure_mid_warmup_leaves_model_bit_identical(allocation, stage, monkeypatch):
+    case, model = warm_model(allocation=allocation)
     model.train()
     before = state(model)
     warmup_module = importlib.import_module("mftc_peft.warmup")  # the package attribute is the function
 
-    def exploding_probe(*args, **kwargs):
-        raise RuntimeError("injected failure in the probe stage")
+    def exploding_stage(*args, **kwargs):
+        raise RuntimeError(f"injected failure in {stage}")
 
-    monkeypatch.setattr(warmup_module, "_probe", exploding_probe)
+    monkeypatch.setattr(warmup_module, stage, exploding_stage)
     with pytest.raises(RuntimeError, match="injected failure"):
         mftc_peft.warmup(model, token_batches(6), progress=False)
     assert_same_state(before, state(model))
@@ -222,7 +223,8 @@ def test_training_probes_drive_the_selection(probe, monkeypatch):
     monkeypatch.setattr(warmup_module, f"{probe}_probe", probe_then_favour)
 
     def run(favour_node=None):
-        _, model = warm_model(probe=probe, probe_steps=1, probe_repeats=1, max_candidates=2, warmup_steps=4)
+        _, model = warm_model(allocation="search", probe=probe, probe_steps=1, probe_repeats=1, max_candidates=2,
+                              warmup_steps=4)
         grids = model.base_model.block_grids().values()
         seen["budget"] = int(0.1 * sum(grid.in_features * grid.out_features for grid in grids))
         seen["favour_node"], calls = favour_node, seen["calls"]
@@ -256,11 +258,14 @@ def test_training_probes_drive_the_selection(probe, monkeypatch):
     assert selections[0] != selections[1]
 
 
-def test_report_json_round_trip_and_plots(tmp_path):
-    _, model = warm_model()
+@pytest.mark.parametrize("allocation", ["search", "proportional"])
+def test_report_json_round_trip_and_plots(allocation, tmp_path):
+    _, model = warm_model(allocation=allocation)
     report = mftc_peft.warmup(model, token_batches(6), progress=False)
-    assert set(report.timings) >= {"signatures", "dsca", "probe", "search", "inject", "total"}
-    assert report.solver["gap"] >= 0 and report.solver["objective"] <= report.solver["bound"] + 1e-12
+    assert set(report.timings) >= {"signatures", "dsca", "search", "inject", "total"}
+    if allocation == "search":
+        assert "probe" in report.timings and report.candidates
+        assert report.solver["gap"] >= 0 and report.solver["objective"] <= report.solver["bound"] + 1e-12
     assert len(report.nodes) == len(report.labels) == len(report.diagnostics["node_layers"])
     path = report.to_json(tmp_path / "report.json")
     again = WarmupReport.from_json(path)
