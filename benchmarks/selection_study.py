@@ -1,7 +1,7 @@
 """Method lab (issues 6, 12): MFTC variants, block baselines and LoRA side by side on the VALIDATION split.
 
-    OMP_NUM_THREADS=1 python benchmarks/selection_study.py --variants default,random_blocks,lora --seeds 5 --workers 2
-    OMP_NUM_THREADS=1 python benchmarks/selection_study.py --profile lab_long --variants default,random_blocks,lora
+    OMP_NUM_THREADS=1 python benchmarks/selection_study.py --variants proportional,search,random_blocks,lora --seeds 5 --workers 2
+    OMP_NUM_THREADS=1 python benchmarks/selection_study.py --profile lab_long --variants proportional,search,random_blocks,lora
     python benchmarks/selection_study.py --table-only      # regenerate the tables from the JSON lines
 
 Used to choose MFTC's defaults without looking at the test split: every run trains on the profile's classification
@@ -32,15 +32,16 @@ from run import RESULTS, execute  # noqa: E402
 
 # name: (benchmark method, MFTCConfig overrides)
 VARIANTS = {
-    "default": ("mftc", {}),
+    # MFTC's module search, its default until NOTES 26 (earlier records named it "default"; relabelled)
+    "search": ("mftc", {"allocation": "search"}),
     "lora": ("lora", {}),
-    "node_share_1": ("mftc", {"max_node_share": 1.0}),
-    "node_share_1.5": ("mftc", {"max_node_share": 1.5}),
-    "per_weight_nodes": ("mftc", {"node_grouping": "module"}),
-    "per_weight_nodes_share_1": ("mftc", {"node_grouping": "module", "max_node_share": 1.0}),
-    "head_first_16": ("mftc", {"head_warmup_steps": 16}),
-    "head_first_16_lr1e-3": ("mftc", {"head_warmup_steps": 16, "head_warmup_lr": 1e-3}),
-    "head_first_32": ("mftc", {"head_warmup_steps": 32}),
+    "node_share_1": ("mftc", {"allocation": "search", "max_node_share": 1.0}),
+    "node_share_1.5": ("mftc", {"allocation": "search", "max_node_share": 1.5}),
+    "per_weight_nodes": ("mftc", {"allocation": "search", "node_grouping": "module"}),
+    "per_weight_nodes_share_1": ("mftc", {"allocation": "search", "node_grouping": "module", "max_node_share": 1.0}),
+    "head_first_16": ("mftc", {"allocation": "search", "head_warmup_steps": 16}),
+    "head_first_16_lr1e-3": ("mftc", {"allocation": "search", "head_warmup_steps": 16, "head_warmup_lr": 1e-3}),
+    "head_first_32": ("mftc", {"allocation": "search", "head_warmup_steps": 32}),
     "head_first_top_energy": ("top_energy", {"head_warmup_steps": 16}),
     "random_blocks": ("random_blocks", {}),
     "top_energy": ("top_energy", {}),
@@ -51,9 +52,9 @@ VARIANTS = {
     "energy_sampled": ("energy_sampled", {}),
     "sqrt_energy_sampled": ("sqrt_energy_sampled", {}),
     # Issue 12 mechanisms (off by default in MFTCConfig until this lab shows they win)
-    "energy_steps": ("mftc", {"step_scale": "energy"}),
-    "reselect_16": ("mftc", {"reselect_every": 16, "reselect_fraction": 0.25}),
-    "consistency": ("mftc", {"block_score": "consistency"}),
+    "energy_steps": ("mftc", {"allocation": "search", "step_scale": "energy"}),
+    "reselect_16": ("mftc", {"allocation": "search", "reselect_every": 16, "reselect_fraction": 0.25}),
+    "consistency": ("mftc", {"allocation": "search", "block_score": "consistency"}),
     "proportional_top": ("proportional_top", {}),  # the next one's selection on the lab's measurement
     "proportional": ("mftc", {"allocation": "proportional"}),
     "middle_band": ("middle_band", {}),
@@ -66,7 +67,7 @@ VARIANTS = {
 # and 1e-2, the grid's top, for random blocks; energy_steps scales its high-energy blocks' steps down, so it starts
 # with random blocks' bracket.
 BRACKETS = {"cls": {"lora": (1e-3, 2e-3, 4e-3), "energy_steps": (2e-3, 5e-3, 1e-2, 2e-2),
-                    "default": (2e-3, 5e-3, 1e-2, 2e-2)},
+                    "search": (2e-3, 5e-3, 1e-2, 2e-2)},
             "lm": {"random_blocks": (3e-3, 1e-2, 3e-2), "energy_steps": (3e-3, 1e-2, 3e-2),
                    "proportional_top": (3e-3, 1e-2, 3e-2), "proportional": (3e-3, 1e-2, 3e-2)}}
 DEFAULT_BRACKET = {"cls": (2e-3, 5e-3, 1e-2), "lm": (1e-3, 3e-3, 1e-2)}
@@ -80,7 +81,7 @@ SECOND_METRIC = {"cls": ("val_loss", False)}
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", default="default,node_share_1,per_weight_nodes,random_blocks",
+    parser.add_argument("--variants", default="proportional,search,random_blocks,lora",
                         help=f"comma-separated subset of {','.join(VARIANTS)}")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     parser.add_argument("--lr", type=float, nargs="+", help="learning rates for every variant (default: BRACKETS)")
@@ -104,7 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 LONG_BLOCKS = (1e-3, 2e-3, 5e-3, 1e-2)
 # `allocation="proportional"` starts at the rates the other block methods picked there (2e-3) and on the LM (1e-2, as
 # random blocks, whose spread it shares).
-PROFILE_BRACKETS = {"lab_long": {"default": LONG_BLOCKS, "random_blocks": LONG_BLOCKS, "lora": (5e-4, 1e-3, 2e-3),
+PROFILE_BRACKETS = {"lab_long": {"search": LONG_BLOCKS, "random_blocks": LONG_BLOCKS, "lora": (5e-4, 1e-3, 2e-3),
                                  "proportional": (1e-3, 2e-3, 5e-3)}}
 
 

@@ -73,7 +73,7 @@ def test_study_runs_variants_on_the_validation_split(tmp_path):
     for r in records:
         assert r["status"] == "ok", r.get("reason")
         assert r["eval_split"] == "val" and r["val_accuracy"] is not None
-    assert {r["variant"]: r["mftc_config"] for r in records}["node_share_1"] == {"max_node_share": 1.0}
+    assert {r["variant"]: r["mftc_config"] for r in records}["node_share_1"] == {"allocation": "search", "max_node_share": 1.0}
     assert "| node_share_1 |" in (tmp_path / "selection_study.md").read_text()
 
 
@@ -108,13 +108,13 @@ def test_middle_band_keeps_random_spread_and_draws_inside_the_energy_band():
 def test_a_profile_bracket_overrides_the_task_bracket_and_lr_overrides_both():
     import selection_study
 
-    long = selection_study.parse_args(["--profile", "lab_long", "--variants", "default,lora"])
-    assert selection_study.bracket(long, "default") == (1e-3, 2e-3, 5e-3, 1e-2)
+    long = selection_study.parse_args(["--profile", "lab_long", "--variants", "search,lora"])
+    assert selection_study.bracket(long, "search") == (1e-3, 2e-3, 5e-3, 1e-2)
     assert selection_study.bracket(long, "lora") == (5e-4, 1e-3, 2e-3)
     assert selection_study.bracket(long, "proportional_top") == selection_study.DEFAULT_BRACKET["cls"]
-    short = selection_study.parse_args(["--variants", "default"])
-    assert selection_study.bracket(short, "default") == selection_study.BRACKETS["cls"]["default"]
-    assert selection_study.bracket(selection_study.parse_args(["--lr", "1e-3"]), "default") == (1e-3,)
+    short = selection_study.parse_args(["--variants", "search"])
+    assert selection_study.bracket(short, "search") == selection_study.BRACKETS["cls"]["search"]
+    assert selection_study.bracket(selection_study.parse_args(["--lr", "1e-3"]), "search") == (1e-3,)
 
 
 def test_language_model_verdicts_follow_perplexity_direction():
