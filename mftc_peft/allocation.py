@@ -44,6 +44,11 @@ def proportional_selection(table: BlockTable, budget: int) -> dict[str, list[int
     for mine, k in proportional_quotas(table, budget):
         rows += mine[np.argsort(-table.energy[mine], kind="stable")][:k].tolist()
     rows.sort(key=lambda r: -table.energy[r])
+    return take_in_order(table, rows, budget)
+
+
+def take_in_order(table: BlockTable, rows, budget: int) -> dict[str, list[int]]:
+    """Module name -> sorted block ids: the blocks of `rows` in order, skipping any that would exceed `budget`."""
     selection: dict[str, list[int]] = {}
     used = 0
     for r in rows:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mftc_peft.allocation import proportional_quotas, proportional_selection
+from mftc_peft.allocation import proportional_quotas, proportional_selection, take_in_order
 from mftc_peft.measure import measure_blocks
 from mftc_peft.predictor import models_from_probes
 from mftc_peft.probes import taylor_probe
@@ -54,16 +54,7 @@ def measure(peft_model, batches) -> Measurement:
     )
 
 
-def _fill(table: BlockTable, rows, budget: int) -> dict[str, list[int]]:
-    """Take the blocks of `rows` in order, skipping any that would exceed `budget`."""
-    selection: dict[str, list[int]] = {}
-    used = 0
-    for r in rows:
-        size = int(table.sizes[r])
-        if used + size <= budget:
-            selection.setdefault(table.module_names[r], []).append(int(table.block_ids[r]))
-            used += size
-    return {name: sorted(ids) for name, ids in selection.items()}
+_fill = take_in_order  # the product's greedy fill: blocks in order while they fit the budget
 
 
 def grid_table(grids: dict) -> BlockTable:
