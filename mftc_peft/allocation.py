@@ -1,10 +1,16 @@
 """Proportional allocation (`MFTCConfig.allocation="proportional"`): where the budget goes is fixed by the weights'
 sizes, which blocks by the gradients.
 
-Each target weight gets a number of blocks proportional to how many blocks it has, which is what uniformly random
-blocks get in expectation; its quota is then filled with its highest-energy blocks. On the LM lab the module search
-put two thirds of the budget into one role (attention-out column groups) and lost to random blocks, while random
-blocks' spread with energy ranking inside each weight did not (benchmarks/results/NOTES.md, entries 21 and 25).
+Each target weight gets a number of blocks proportional to how many blocks it has (uniformly random blocks get that
+in expectation); its quota is then filled with its highest-energy blocks. On the LM lab the module search put two
+thirds of the budget into one role (attention-out column groups) and lost to random blocks, while this rule did not
+(benchmarks/results/NOTES.md, entries 21, 25 and 26).
+
+What it does where shares fall below one block, as measured (NOTES 26-28): the rounding's remainders go to the
+weights seen first, so with many weights and a small budget the early layers get one block more than the late ones,
+and weights whose share is under half a block (attention weights, which hold few blocks) may get none; the budget in
+blocks uses the median block size, so where larger blocks (heads, row groups) are in the quotas the element budget
+drops the lowest-energy quota blocks.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ def proportional_quotas(table: BlockTable, budget: int) -> list[tuple[np.ndarray
 
 def proportional_selection(table: BlockTable, budget: int) -> dict[str, list[int]]:
     """Module name -> sorted block ids: every weight's quota filled with its highest-energy blocks, then taken in
-    order of energy while they fit `budget` elements (blocks differ in size, so the last may not)."""
+    order of energy while they fit `budget` elements (where the quotas hold blocks larger than the median, the
+    weakest of them are left out)."""
     rows: list[int] = []
     for mine, k in proportional_quotas(table, budget):
         rows += mine[np.argsort(-table.energy[mine], kind="stable")][:k].tolist()

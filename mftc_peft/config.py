@@ -166,14 +166,14 @@ class MFTCConfig(PeftConfig):
     probe: str = field(
         default="taylor",
         metadata={
-            "help": "How candidates are valued: 'taylor' (first-order, from warm-up gradients, no extra passes), "
+            "help": "allocation='search' only. How candidates are valued: 'taylor' (first-order, from warm-up gradients, no extra passes), "
             "'finetune' (train head + candidate for `probe_steps`) or 'regression' (random architectures jointly)."
         },
     )
     block_score: str = field(
         default="energy",
         metadata={
-            "help": "What the 'taylor' probe values in a block: 'energy' (its squared mean gradient) or "
+            "help": "allocation='search' only. What the 'taylor' probe values in a block: 'energy' (its squared mean gradient) or "
             "'consistency' (that divided by its mean squared gradient per batch: how consistently the batches push "
             "it, in [0, 1], whatever its size)."
         },
@@ -183,10 +183,13 @@ class MFTCConfig(PeftConfig):
     probe_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the 'finetune'/'regression' probes."})
     loss_threshold: Optional[float] = field(
         default=None,
-        metadata={"help": "Upper bound on the predicted sum of loss deltas of the selection (None: off)."},
+        metadata={"help": "allocation='search' only. Upper bound on the predicted sum of loss deltas of the selection "
+                          "(None: off)."},
     )
     confidence: float = field(
-        default=0.0, metadata={"help": "Search maximises sum(gain - confidence * spread): a lower-confidence bound."}
+        default=0.0,
+        metadata={"help": "allocation='search' only. Search maximises sum(gain - confidence * spread): a "
+                          "lower-confidence bound."},
     )
     search_method: str = field(
         default="auto", metadata={"help": "'exact' (scipy MILP), 'greedy' (+ swaps), or 'auto' (by problem size)."}
@@ -297,12 +300,17 @@ class MFTCConfig(PeftConfig):
             raise ValueError(f"`probe_lr` must be a positive number, got {self.probe_lr!r}")
         if self.loss_threshold is not None and not is_real(self.loss_threshold):
             raise ValueError(f"`loss_threshold` must be a number or None, got {self.loss_threshold!r}")
-        _check_search_fields_unused(self)  # after each field's own check, which names a bad value better
+        if not self.block_selection:  # a saved adapter's selection is made: its warm-up fields are a record
+            self.check_search_fields_unused()  # after each field's own check, which names a bad value better
+
+    def check_search_fields_unused(self) -> None:
+        """Raise if a field only the module search reads is set while `allocation="proportional"` would ignore it
+        (`probe`, `block_score`, `loss_threshold`, `confidence`; the search's shape fields are harmless). The warm-up
+        calls it too, for a config changed after construction or one that already holds a selection."""
+        _check_search_fields_unused(self)
 
 
 def _check_search_fields_unused(config) -> None:
-    """Proportional allocation runs no probe and no search: a field that only they read would be silently ignored
-    (`probe`, `block_score`, `loss_threshold`, `confidence`; the search's shape fields are harmless and left alone)."""
     if config.allocation != "proportional":
         return
     ignored = {name: value for name, value, default in (

@@ -1,5 +1,7 @@
-"""The warm-up pipeline: measure block gradients on real batches and cluster the blocks (DSCA; `measure.py`), value
-the modules (probes and a linear predictor), choose them under the budget (constrained search), inject the choice.
+"""The warm-up pipeline: measure block gradients on real batches and cluster the blocks (DSCA; `measure.py`), choose
+the blocks under the budget, inject the choice. The choice is `allocation.py`'s per-weight quotas by default
+(`allocation="proportional"`), or MFTC's module search (`allocation="search"`): probes and a linear predictor value
+DSCA's modules, a constrained search picks them.
 
     report = mftc_peft.warmup(peft_model, train_dataloader)
 
@@ -87,8 +89,10 @@ def compute_selection(
     """The warm-up's computation without the injection: returns (selection, report). The caller restores state."""
     tuner = mftc_tuner(peft_model)
     adapter_name = adapter_name_of(tuner, adapter_name)
-    run = WarmupRun(peft_model, adapter_name, tuner.peft_config[adapter_name], compute_loss=compute_loss,
-                    progress=progress, timings={} if timings is None else timings)
+    config = tuner.peft_config[adapter_name]
+    config.check_search_fields_unused()  # before any pass: the config may have changed since it was built
+    run = WarmupRun(peft_model, adapter_name, config, compute_loss=compute_loss, progress=progress,
+                    timings={} if timings is None else timings)
     measurement = measure(run, train_dataloader, eval_dataloader)
     grids = tuner.block_grids(adapter_name)
     target_elements = sum(g.in_features * g.out_features for g in grids.values())

@@ -91,3 +91,26 @@ def test_a_config_saved_before_allocation_existed_loads_as_the_search_it_was_mad
     assert loaded.allocation == "search" and loaded.probe == "finetune"
     MFTCConfig().save_pretrained(tmp_path / "new")
     assert MFTCConfig.from_pretrained(tmp_path / "new").allocation == MFTCConfig().allocation == "proportional"
+
+
+def test_an_old_adapter_config_with_search_fields_loads_through_every_peft_route(tmp_path):
+    """`PeftConfig.from_pretrained` and `AutoPeftModel` build the config without MFTCConfig's `check_kwargs`: a saved
+    adapter (its selection made) must still load, whatever warm-up fields it records."""
+    from peft import PeftConfig
+
+    MFTCConfig(allocation="search", probe="finetune", block_selection={"q": [0]}).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    fields = json.loads(path.read_text())
+    del fields["allocation"]
+    path.write_text(json.dumps(fields))
+    loaded = PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, MFTCConfig) and loaded.probe == "finetune" and loaded.block_selection == {"q": [0]}
+
+
+def test_the_warmup_refuses_search_fields_set_after_construction():
+    _, model = warm_model()
+    model.peft_config["default"].probe = "finetune"
+    selection = dict(model.peft_config["default"].block_selection)
+    with pytest.raises(ValueError, match=r"allocation='proportional' runs no module search.*'probe': 'finetune'"):
+        mftc_peft.warmup(model, token_batches(6), progress=False)
+    assert model.peft_config["default"].block_selection == selection
