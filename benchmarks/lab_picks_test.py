@@ -1,0 +1,29 @@
+"""LM test-split runs of the cpu profile at the method lab's picks (validation, 5 seeds; `selection_study.md`), through
+run.py's Runner: MFTC (its default) and LoRA first, then random blocks matched to MFTC's count per seed. Appends to
+`benchmarks/results/cpu.jsonl` (existing runs are reused); then `python benchmarks/report.py`. NOTES 28.
+
+    OMP_NUM_THREADS=1 python benchmarks/lab_picks_test.py
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import run  # noqa: E402
+from harness.methods import lora_budget  # noqa: E402
+from harness.profiles import PROFILES  # noqa: E402
+from harness.tasks import make_task  # noqa: E402
+
+PICKS = {"mftc": 1e-2, "lora": 3e-3, "random_blocks": 1e-2}  # selection_study.md, lm (proportional_top = default)
+SEEDS = [0, 1, 2]
+args = run.parse_args(["--profile", "cpu", "--workers", "2", "--resume"])
+args.device = "cpu"
+profile = PROFILES["cpu"]
+count = lora_budget(make_task("lm", profile.settings["lm"], tiny=False), 8)
+base = {"profile": "cpu", "task": "lm", "device": "cpu", "lora_budget": count, "budget_multiple": 1.0, "lora_rank": 8,
+        "phase": "test", "lr_swept": True, "lr_source": "selection_study.md (validation, 5 seeds)"}
+runner = run.Runner(args, args.out / "cpu.jsonl")
+try:
+    for group in (("mftc", "lora"), ("random_blocks",)):
+        runner.stage([base | {"method": m, "seed": s, "lr": PICKS[m]} for s in SEEDS for m in group])
+finally:
+    runner.close()
