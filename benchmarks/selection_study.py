@@ -57,6 +57,7 @@ VARIANTS = {
     "consistency": ("mftc", {"allocation": "search", "block_score": "consistency"}),
     "proportional_top": ("proportional_top", {}),  # the next one's selection on the lab's measurement
     "proportional": ("mftc", {"allocation": "proportional"}),
+    "warmup_4": ("mftc", {"allocation": "proportional", "warmup_steps": 4}),  # half the LM's warm-up passes
     "middle_band": ("middle_band", {}),
 }
 # Learning-rate brackets (classification): block selections peaked at 5e-3 in the cpu profile, LoRA at 2e-3 (it
