@@ -239,7 +239,7 @@ def main() -> None:
 
     # 1-2: gradient statistics, library, search space.
     t0 = time.perf_counter()
-    stats = measure_blocks(peft_model, train_batches[: cfg["grad_batches"]], progress=True)
+    stats = measure_blocks(peft_model, train_batches[: cfg["grad_batches"]], progress=True, keep_projections=True)
     measure_seconds = time.perf_counter() - t0
     library, module_names = layer_library(stats.table)
     space = build_search_space(library, stats.table, grouping="layer", max_candidates=cfg["max_candidates"])

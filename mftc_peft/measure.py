@@ -36,7 +36,8 @@ class BlockMeasurement:
     """What the warm-up measured.
 
     table : one row per block (every block of the adapter's grids), energy = accumulated squared gradient.
-    projections : (micro-batches, blocks) inputs of the taylor probe; None unless `probe='taylor'`.
+    projections : (micro-batches, blocks) inputs of the taylor probe; None unless asked for (`keep_projections`) or
+        the config needs them (`needs_projections`).
     library : DSCA's modules as rows of `table`.
     timings : seconds per stage ('head', 'signatures', 'dsca').
     dsca : the fitted `DynamicSpectralClustering` (labels, modules, graph, diagnostics).
@@ -54,18 +55,28 @@ class BlockMeasurement:
 
 def measure_blocks(
     peft_model, train_dataloader: Iterable, *, compute_loss: Optional[Callable] = None,
-    adapter_name: Optional[str] = None, progress: bool = False,
+    adapter_name: Optional[str] = None, progress: bool = False, keep_projections: Optional[bool] = None,
 ) -> BlockMeasurement:
     """The warm-up's measurement alone (head fit, block gradients, DSCA) on `warmup_steps` batches of
-    `train_dataloader`, without probing, search or injection; the model is left exactly as it was."""
+    `train_dataloader`, without probing, search or injection; the model is left exactly as it was.
+
+    keep_projections : also collect the taylor probe's projections (a sketch of every block's gradient per
+        micro-batch). None: only when the adapter's config needs them (`allocation="search"` with `probe="taylor"`).
+    """
     adapter_name = adapter_name_of(mftc_tuner(peft_model), adapter_name)
     run = WarmupRun(peft_model, adapter_name, mftc_tuner(peft_model).peft_config[adapter_name],
                     compute_loss=compute_loss, progress=progress)
     with preserved_state(peft_model, adapter_name=adapter_name):
-        return measure(run, train_dataloader)
+        return measure(run, train_dataloader, keep_projections=keep_projections)
 
 
-def measure(run: WarmupRun, train_dataloader: Iterable, eval_dataloader: Optional[Iterable] = None):
+def needs_projections(config) -> bool:
+    """Whether the warm-up's choice uses the taylor probe's projections: only the module search's taylor probe."""
+    return config.allocation == "search" and config.probe == "taylor"
+
+
+def measure(run: WarmupRun, train_dataloader: Iterable, eval_dataloader: Optional[Iterable] = None, *,
+            keep_projections: Optional[bool] = None):
     """`measure_blocks` for a caller that restores the model's state itself."""
     tuner = mftc_tuner(run.peft_model)
     layers = dict(tuner.mftc_layers(run.adapter_name))
@@ -75,7 +86,9 @@ def measure(run: WarmupRun, train_dataloader: Iterable, eval_dataloader: Optiona
     device = next(run.peft_model.parameters()).device
     train_batches, eval_batches = _split_batches(run.config, train_dataloader, eval_dataloader, device)
     _fit_head(run, train_batches)
-    collector, dsca = _collect(run, layers, grids, train_batches)
+    if keep_projections is None:
+        keep_projections = needs_projections(run.config)
+    collector, dsca = _collect(run, layers, grids, train_batches, keep_projections)
     energy = collector.block_energy()
     bounds = np.cumsum([0] + [grid.n_blocks for grid in grids.values()])
     table = BlockTable.from_grids(grids, {name: energy[a:b] for name, a, b in zip(grids, bounds[:-1], bounds[1:])})
@@ -167,7 +180,7 @@ def weight_gradients_only(peft_model, layers: dict, grids: dict) -> dict:
     return targets
 
 
-def _collect(run: WarmupRun, layers: dict, grids: dict, batches: list[dict]):
+def _collect(run: WarmupRun, layers: dict, grids: dict, batches: list[dict], keep_projections: bool):
     """Warm-up backward passes: per-block signatures from hooks on the target weights, DSCA every `dsca_every`.
 
     Only the target weights require grad meanwhile (the caller's `preserved_state` restores every flag), and the model
@@ -184,7 +197,7 @@ def _collect(run: WarmupRun, layers: dict, grids: dict, batches: list[dict]):
     )
     collector = SignatureCollector(
         targets, kind=config.signature_kind, window=config.signature_window, seed=seeds["signatures"],
-        keep_history=config.probe == "taylor",
+        keep_history=keep_projections,
     )
     folded_at_update = 0  # micro-batches folded in at the last DSCA update: no update without new ones
     with collector, deterministic_mode(run.peft_model):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections import defaultdict
 from typing import Mapping
 
 import numpy as np
@@ -106,17 +107,18 @@ class SignatureCollector:
         return hook
 
     def _reduce(self, index, grad):
-        name, _, grid, fan_in_fan_out = self._targets[index]
+        _, _, grid, fan_in_fan_out = self._targets[index]
         rows = grid.lines(grad, fan_in_fan_out=fan_in_fan_out).float()  # (length along the block axis, other_length)
         segments = self._on_device("segments", index, rows.device, grid.segment_ids)
         per_row = rows.pow(2).sum(dim=1, dtype=torch.float64)  # (length,)
         energy = torch.zeros(grid.n_blocks, dtype=torch.float64, device=rows.device).index_add_(0, segments, per_row)
-        start, stop = self._offsets[index], self._offsets[index + 1]
-        if not bool(torch.isfinite(energy).all()):
-            self._bad.append(name)
-        self._pending_energy[start:stop] += energy.cpu()
-        if self._sketching:
-            self._pending_sketch[start:stop] += self._sketch(index, rows, grid, segments).cpu()
+        sketch = self._sketch(index, rows, grid, segments) if self._sketching else None
+        # Kept on the gradient's device until the micro-batch ends: a host copy (or a finiteness test) here would
+        # make every backward pass wait for the device once per target weight.
+        if index in self._pending:
+            energy = energy + self._pending[index][0]
+            sketch = None if sketch is None else sketch + self._pending[index][1]
+        self._pending[index] = (energy, sketch)
 
     def _sketch(self, index, rows, grid, segments):
         """Sketch of every block: element (p, q) adds s(p) s'(q) g[p, q] to bucket h'(q).
@@ -137,7 +139,8 @@ class SignatureCollector:
             "projection", other, rows.device, lambda: _signed_one_hot(self._hash[1][:other], self._hash[2][:other], d)
         )
         sketch = signed @ projection  # (blocks, d)
-        numel = torch.tensor(grid.block_numels(), dtype=torch.float32, device=rows.device)
+        numel = self._on_device("numel", index, rows.device,
+                                lambda: torch.tensor(grid.block_numels(), dtype=torch.float32))
         return (sketch / numel.sqrt()[:, None]).double()  # per-element scale, like the energies
 
     def _make_hash(self):
@@ -160,10 +163,30 @@ class SignatureCollector:
 
     # ------------------------------------------------------------------ micro-batches
     def _clear_pending(self):
+        self._pending: dict[int, tuple] = {}  # target index -> (energy, sketch or None), on the gradient's device
+
+    def _gather_pending(self):
+        """The micro-batch's reductions on the host, with one copy per device: (energy (m,), sketch (m, d) or None,
+        names of the targets whose gradient was not finite). A target without a gradient contributes zeros."""
         m = len(self.nodes)
-        self._pending_energy = torch.zeros(m, dtype=torch.float64)
-        self._pending_sketch = torch.zeros(m, self.sketch_dim, dtype=torch.float64) if self._sketching else None
-        self._bad: list[str] = []
+        energy = torch.zeros(m, dtype=torch.float64)
+        sketch = torch.zeros(m, self.sketch_dim, dtype=torch.float64) if self._sketching else None
+        by_device = defaultdict(list)
+        for index, (target_energy, _) in self._pending.items():
+            by_device[target_energy.device].append(index)
+        for indices in by_device.values():
+            host_energy = torch.cat([self._pending[i][0] for i in indices]).cpu()
+            host_sketch = torch.cat([self._pending[i][1] for i in indices]).cpu() if self._sketching else None
+            at = 0
+            for i in indices:
+                start, stop = self._offsets[i], self._offsets[i + 1]
+                energy[start:stop] = host_energy[at : at + stop - start]
+                if sketch is not None:
+                    sketch[start:stop] = host_sketch[at : at + stop - start]
+                at += stop - start
+        bad = [name for i, (name, _, _, _) in enumerate(self._targets)
+               if i in self._pending and not bool(torch.isfinite(energy[self._offsets[i] : self._offsets[i + 1]]).all())]
+        return energy, sketch, bad
 
     def end_micro_batch(self) -> bool:
         """Fold the gradients reduced since the last call into the window. Returns False if the micro-batch was skipped.
@@ -173,10 +196,11 @@ class SignatureCollector:
         so every rank holds identical signatures.
         """
         try:
-            energy, sketch, bad = self._all_reduce(self._pending_energy, self._pending_sketch, len(self._bad))
+            pending_energy, pending_sketch, bad_targets = self._gather_pending()
+            energy, sketch, bad = self._all_reduce(pending_energy, pending_sketch, len(bad_targets))
             if bad or not np.all(np.isfinite(energy)) or (sketch is not None and not np.all(np.isfinite(sketch))):
                 self.n_skipped += 1
-                names = ", ".join(sorted(self._bad)) or "another rank's targets"
+                names = ", ".join(sorted(bad_targets)) or "another rank's targets"
                 warnings.warn(
                     f"skipping micro-batch {self._filled + self.n_skipped}: non-finite gradient in {names}; it is not "
                     "folded into the signatures",

@@ -114,3 +114,29 @@ def test_the_warmup_refuses_search_fields_set_after_construction():
     with pytest.raises(ValueError, match=r"allocation='proportional' runs no module search.*'probe': 'finetune'"):
         mftc_peft.warmup(model, token_batches(6), progress=False)
     assert model.peft_config["default"].block_selection == selection
+
+
+def test_proportional_warmup_sketches_no_gradients(monkeypatch):
+    """The taylor probe's gradient sketches serve only the module search: the default allocation collects none (they
+    cost a copy of every weight gradient per micro-batch), `allocation="search"` with the taylor probe does, and a
+    study can ask for them."""
+    from mftc_peft import signatures
+
+    made = []
+    original = signatures.SignatureCollector.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self.keep_history)
+
+    monkeypatch.setattr(signatures.SignatureCollector, "__init__", spy)
+    _, model = warm_model()
+    assert model.peft_config["default"].allocation == "proportional"
+    assert mftc_peft.measure_blocks(model, token_batches(6)).projections is None
+    report = mftc_peft.warmup(model, token_batches(6), progress=False)
+    assert report.selection and made == [False, False]
+    forced = mftc_peft.measure_blocks(model, token_batches(6), keep_projections=True)
+    assert forced.projections.shape == (6, len(forced.table))
+    _, searching = warm_model(allocation="search")
+    assert mftc_peft.measure_blocks(searching, token_batches(6)).projections is not None
+    assert made == [False, False, True, True]

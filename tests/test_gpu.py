@@ -18,6 +18,8 @@ from tiny_models import CASES, CASES_BY_NAME, VOCAB, outputs
 
 import mftc_peft
 from mftc_peft import MFTCConfig, MFTCLayer
+from mftc_peft.measure import weight_gradients_only
+from mftc_peft.signatures import SignatureCollector
 from mftc_peft.spectral import SpectralCoordinator
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -122,6 +124,25 @@ def test_warmup_then_training_steps_without_host_sync(dtype, step_scale, tmp_pat
     inputs = on_cuda(case.inputs())
     with torch.no_grad():
         assert torch.equal(outputs(reloaded, inputs), outputs(model, inputs))
+
+
+@pytest.mark.parametrize("keep_history", [False, True], ids=["energy", "sketches"])
+def test_warmup_backward_passes_without_host_sync(keep_history):
+    """The warm-up's hooks reduce each weight gradient on the device; only `end_micro_batch` copies to the host. (The
+    first micro-batch moves the collector's index tensors to the device once, so the second one is checked.)"""
+    case = CASES_BY_NAME["llama_gqa"]
+    model = get_peft_model(case.model().to(CUDA), MFTCConfig(task_type="CAUSAL_LM", **WARMUP))
+    layers = dict(model.base_model.mftc_layers("default"))
+    grids = {name: layer.mftc_grid["default"] for name, layer in layers.items()}
+    batches = causal_batches(2)
+    with SignatureCollector(weight_gradients_only(model, layers, grids), keep_history=keep_history) as collector:
+        for index, batch in enumerate(batches):
+            loss = model(**batch).loss
+            with host_syncs() as caught:
+                loss.backward()
+            assert index == 0 or ours(caught) == []
+            assert collector.end_micro_batch()
+    assert collector.block_energy().sum() > 0
 
 
 def test_spectral_coordination_without_host_sync():

@@ -93,6 +93,39 @@ def test_window_slides_and_keeps_last_micro_batches(model):
     assert collector.n_micro_batches == 4
 
 
+def test_hooks_leave_reductions_on_the_device_until_the_micro_batch_ends(model, monkeypatch):
+    """On a GPU a host copy or a finiteness test inside a hook stalls the backward pass once per target weight (about
+    a second per warm-up micro-batch for MiniLM on a shared H200): the hooks only queue work on the gradient's device,
+    and `end_micro_batch` copies once."""
+    linear, conv, targets = model
+    expected = _reference_energy(linear, conv, 0)
+    collector = SignatureCollector(targets, window=4, keep_history=True)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a hook synchronised with the host")
+
+    with collector:
+        with monkeypatch.context() as patch:
+            for name in ("cpu", "item", "tolist", "numpy", "__bool__"):
+                patch.setattr(torch.Tensor, name, refuse)
+            _backward(linear, conv, 0)
+        assert collector.end_micro_batch()
+    np.testing.assert_allclose(collector.block_energy(), expected, rtol=1e-5)
+    assert collector.history().shape == (1, 5, collector.sketch_dim)
+
+
+def test_two_backward_passes_in_one_micro_batch_add_up(model):
+    linear, conv, targets = model
+    expected = _reference_energy(linear, conv, 0) + _reference_energy(linear, conv, 1)
+    collector = SignatureCollector(targets, window=4)
+    with collector:
+        _backward(linear, conv, 0)
+        _backward(linear, conv, 1)
+        assert collector.end_micro_batch()
+    np.testing.assert_allclose(collector.block_energy(), expected, rtol=1e-5)
+    assert collector.n_micro_batches == 1
+
+
 def test_non_finite_micro_batch_is_skipped_with_warning(model):
     linear, conv, targets = model
     collector = SignatureCollector(targets, window=4)

@@ -113,7 +113,7 @@ def test_same_seed_same_selection_and_seed_matters_through_the_config():
 
     def measurement(seed, **overrides):
         _, model = warm_model(seed=seed, **overrides)
-        return mftc_peft.measure_blocks(model, token_batches(6))
+        return mftc_peft.measure_blocks(model, token_batches(6), keep_projections=True)
 
     # the sketch hashes: the same seed sketches the same gradients identically, another seed differently
     sketches = {seed: measurement(seed).projections for seed in (3, 4)}
@@ -317,7 +317,7 @@ def test_head_warmup_fits_the_head_for_the_measurement_then_puts_it_back():
 def test_measure_blocks_is_the_warmups_measurement_and_changes_nothing():
     _, model = warm_model()
     before = state(model)
-    measurement = mftc_peft.measure_blocks(model, token_batches(6))
+    measurement = mftc_peft.measure_blocks(model, token_batches(6), keep_projections=True)
     assert_same_state(before, state(model))
     table = measurement.table
     grids = model.base_model.block_grids()

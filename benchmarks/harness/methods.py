@@ -249,9 +249,9 @@ def build_random_blocks(model, ctx):
     return _ablation(model, ctx, choose)
 
 
-def _measured(ctx, select, *, uses_dsca: bool):
+def _measured(ctx, select, *, uses_dsca: bool, uses_projections: bool = False):
     def choose(peft_model):
-        measurement = selections.measure(peft_model, ctx.warmup_batches())
+        measurement = selections.measure(peft_model, ctx.warmup_batches(), projections=uses_projections)
         start = time.perf_counter()
         selection = select(measurement, peft_model)
         # The measurement always runs DSCA (it is MFTC's); methods without clustering are not charged for it.
@@ -276,13 +276,14 @@ def build_mftc_no_cluster(model, ctx):
         config = peft_model.base_model.peft_config["default"]
         return selections.no_cluster_selection(measurement, ctx.match_budget, config)
 
-    return _ablation(model, ctx, _measured(ctx, select, uses_dsca=False))
+    return _ablation(model, ctx, _measured(ctx, select, uses_dsca=False, uses_projections=True))
 
 
-def _study_builder(choose, *, uses_dsca: bool):
+def _study_builder(choose, *, uses_dsca: bool, uses_projections: bool = False):
     """A builder of a selection-study baseline: `choose(measurement, ctx)` picks blocks from MFTC's measurement."""
     def build(model, ctx):
-        return _ablation(model, ctx, _measured(ctx, lambda m, _: choose(m, ctx), uses_dsca=uses_dsca))
+        return _ablation(model, ctx, _measured(ctx, lambda m, _: choose(m, ctx), uses_dsca=uses_dsca,
+                                               uses_projections=uses_projections))
 
     return build
 
@@ -292,7 +293,8 @@ STUDY_BUILDERS = {
         lambda m, ctx: selections.round_robin_selection(m, ctx.match_budget), uses_dsca=True),
     "cluster_random": _study_builder(
         lambda m, ctx: selections.round_robin_selection(m, ctx.match_budget, seed=ctx.seed), uses_dsca=True),
-    "adam_gain": _study_builder(lambda m, ctx: selections.adam_gain_selection(m, ctx.match_budget), uses_dsca=False),
+    "adam_gain": _study_builder(lambda m, ctx: selections.adam_gain_selection(m, ctx.match_budget), uses_dsca=False,
+                                uses_projections=True),
     "energy_sampled": _study_builder(
         lambda m, ctx: selections.energy_sampled_selection(m, ctx.match_budget, ctx.seed), uses_dsca=False),
     "sqrt_energy_sampled": _study_builder(

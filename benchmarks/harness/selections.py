@@ -38,16 +38,17 @@ from mftc_peft.selection import select_candidates
 @dataclass
 class Measurement:
     table: BlockTable  # one row per block, energy = accumulated squared gradient over the warm-up
-    projections: np.ndarray  # (T, blocks): the taylor probe's input
+    projections: np.ndarray | None  # (T, blocks): the taylor probe's input (None unless measured with them)
     library: list[list[int]]  # DSCA modules as rows of `table`
     seconds: float  # the whole measurement (signatures + DSCA)
     dsca_seconds: float  # of which DSCA (ablations without clustering leave it out of their warm-up time)
 
 
-def measure(peft_model, batches) -> Measurement:
-    """MFTC's warm-up measurement (head fit, signatures, DSCA) on `batches`; the model is left as it was."""
+def measure(peft_model, batches, *, projections: bool = True) -> Measurement:
+    """MFTC's warm-up measurement (head fit, signatures, DSCA) on `batches`; the model is left as it was.
+    `projections=False` skips the taylor probe's gradient sketches, for selections that read only energies."""
     start = time.perf_counter()
-    measured = measure_blocks(peft_model, batches)
+    measured = measure_blocks(peft_model, batches, keep_projections=projections)
     return Measurement(
         table=measured.table, projections=measured.projections, library=measured.library,
         seconds=time.perf_counter() - start, dsca_seconds=measured.timings.get("dsca", 0.0),
