@@ -4,6 +4,7 @@
 # MiniLM or SmolLM2-135M).
 #   bash scripts/gpu_benchmark.sh [--smoke] [more benchmarks/run.py arguments, e.g. --out DIR --resume]
 #   WORKERS=12 bash scripts/gpu_benchmark.sh       (default: 12 on a GPU; CPU threads per worker = cores / workers)
+#   PYTHON=/path/to/python bash scripts/gpu_benchmark.sh   (default: python3)
 # --smoke runs the same pipeline on tiny random models on the CPU (profile gpu_smoke; the test suite runs it).
 # Writes benchmarks/results/gpu.jsonl (or gpu_smoke.jsonl), gpu_sessions.jsonl (the invocation's wall time, checked
 # against the 8-minute target by the report), then the tables and plots (benchmarks/report.py).
@@ -11,6 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
+python="${PYTHON:-python3}"  # GPU images often have python3 and no `python`
 
 smoke=()
 if [[ "${1:-}" == "--smoke" ]]; then
@@ -18,7 +20,7 @@ if [[ "${1:-}" == "--smoke" ]]; then
   shift
   workers="${WORKERS:-2}"
 else
-  python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: the gpu profile needs one (--smoke runs its CPU twin)")'
+  "$python" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: the gpu profile needs one (--smoke runs its CPU twin)")'
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
   workers="${WORKERS:-12}"
 fi
@@ -27,5 +29,5 @@ cores="$(nproc)"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / workers > 0 ? cores / workers : 1 ))}"
 echo "gpu profile${smoke:+ (smoke)}: $workers workers x $OMP_NUM_THREADS threads on $cores cores"
 start=$SECONDS
-python benchmarks/run.py --profile gpu "${smoke[@]}" --workers "$workers" --reuse-processes "$@"
+"$python" benchmarks/run.py --profile gpu "${smoke[@]}" --workers "$workers" --reuse-processes "$@"
 echo "gpu profile${smoke:+ (smoke)} finished in $(( SECONDS - start )) s"

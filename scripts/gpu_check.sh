@@ -10,21 +10,22 @@ cd "$(dirname "$0")/.."
 OUT="${1:-/tmp/mftc_gpu_check}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
-python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: nothing to check")'
+python="${PYTHON:-python3}"  # GPU images often have python3 and no `python`
+"$python" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: nothing to check")'
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 
 echo "== tests/test_gpu.py"
-python -m pytest -q -p no:cacheprovider tests/test_gpu.py
+"$python" -m pytest -q -p no:cacheprovider tests/test_gpu.py
 
 for dtype in float32 bfloat16; do
   echo "== step time, MiniLM-shaped BERT, $dtype base"
-  python benchmarks/step_time.py --device cuda --dtype "$dtype" --steps 20 --out "$OUT/step_time_$dtype"
+  "$python" benchmarks/step_time.py --device cuda --dtype "$dtype" --steps 20 --out "$OUT/step_time_$dtype"
 done
 
 echo "== short fine-tunes: MiniLM (cls) and SmolLM2-135M (lm)"
-python benchmarks/run.py --profile quick --tasks cls,lm --methods mftc,lora,full --device cuda --out "$OUT/run" \
+"$python" benchmarks/run.py --profile quick --tasks cls,lm --methods mftc,lora,full --device cuda --out "$OUT/run" \
   --no-report
-python - "$OUT/run/quick.jsonl" <<'PY'
+"$python" - "$OUT/run/quick.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
 print("| task | method | status | steps | train s / step | warm-up s | CUDA peak GiB |")
