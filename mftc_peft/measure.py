@@ -3,8 +3,8 @@
 On `warmup_steps` real batches: (optionally) fit a new head alone, run backward passes with hooks on the target
 weights that reduce every weight gradient to per-block statistics (`SignatureCollector`), and update DSCA every
 `dsca_every` micro-batches. The result is a `BlockMeasurement`: the block table (energy = accumulated squared gradient),
-the taylor probe's projections, DSCA's module library and the fitted estimator. `warmup` searches on it; studies
-compare other selections on it.
+DSCA's module library and the fitted estimator, and the taylor probe's projections when the module search needs them
+(or a caller asks: `keep_projections`). `warmup` chooses on it; studies compare other selections on it.
 """
 
 from __future__ import annotations

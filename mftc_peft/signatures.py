@@ -168,25 +168,28 @@ class SignatureCollector:
     def _gather_pending(self):
         """The micro-batch's reductions on the host, with one copy per device: (energy (m,), sketch (m, d) or None,
         names of the targets whose gradient was not finite). A target without a gradient contributes zeros."""
-        m = len(self.nodes)
-        energy = torch.zeros(m, dtype=torch.float64)
-        sketch = torch.zeros(m, self.sketch_dim, dtype=torch.float64) if self._sketching else None
+        columns = 1 + (self.sketch_dim if self._sketching else 0)  # energy, then the sketch
+        host = torch.zeros(len(self.nodes), columns, dtype=torch.float64)
         by_device = defaultdict(list)
         for index, (target_energy, _) in self._pending.items():
             by_device[target_energy.device].append(index)
         for indices in by_device.values():
-            host_energy = torch.cat([self._pending[i][0] for i in indices]).cpu()
-            host_sketch = torch.cat([self._pending[i][1] for i in indices]).cpu() if self._sketching else None
+            rows = torch.cat([self._pending_rows(i) for i in indices]).cpu()
             at = 0
             for i in indices:
                 start, stop = self._offsets[i], self._offsets[i + 1]
-                energy[start:stop] = host_energy[at : at + stop - start]
-                if sketch is not None:
-                    sketch[start:stop] = host_sketch[at : at + stop - start]
+                host[start:stop] = rows[at : at + stop - start]
                 at += stop - start
+        energy = host[:, 0].contiguous()
+        sketch = host[:, 1:].contiguous() if self._sketching else None
         bad = [name for i, (name, _, _, _) in enumerate(self._targets)
-               if i in self._pending and not bool(torch.isfinite(energy[self._offsets[i] : self._offsets[i + 1]]).all())]
+               if not bool(torch.isfinite(energy[self._offsets[i] : self._offsets[i + 1]]).all())]
         return energy, sketch, bad
+
+    def _pending_rows(self, index):
+        """Target `index`'s pending reductions as one (blocks, 1 [+ sketch_dim]) tensor on its device."""
+        energy, sketch = self._pending[index]
+        return energy[:, None] if sketch is None else torch.cat([energy[:, None], sketch], dim=1)
 
     def end_micro_batch(self) -> bool:
         """Fold the gradients reduced since the last call into the window. Returns False if the micro-batch was skipped.

@@ -145,6 +145,33 @@ def test_warmup_backward_passes_without_host_sync(keep_history):
     assert collector.block_energy().sum() > 0
 
 
+def test_signatures_of_targets_on_two_devices_match_one_device():
+    """Targets on the GPU and on the CPU (a model split by a device_map): each device's reductions are copied once and
+    put back in target order, giving what the same weights give on one device."""
+    from mftc_peft.blocks import BlockGrid
+
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(7, 10, generator=generator), torch.randn(6, 7, generator=generator)]
+    inputs = [torch.randn(5, 10, generator=generator) for _ in range(2)]
+    grids = [BlockGrid("out", in_features=10, out_features=7, width=3), BlockGrid("in", in_features=7, out_features=6,
+                                                                                  width=4)]
+
+    def collect(devices):
+        first, second = (w.clone().to(d).requires_grad_(True) for w, d in zip(weights, devices))
+        targets = {"a": (first, grids[0], False), "b": (second, grids[1], False)}
+        with SignatureCollector(targets, keep_history=True) as collector:
+            for x in inputs:
+                hidden = x.to(devices[0]) @ first.T
+                (hidden.to(devices[1]) @ second.T).pow(2).sum().backward()
+                assert collector.end_micro_batch()
+        return collector.block_energy(), collector.history()
+
+    split, single = collect([CUDA, torch.device("cpu")]), collect([torch.device("cpu")] * 2)
+    for got, expected in zip(split, single):
+        assert got.shape == expected.shape
+        assert torch.allclose(torch.as_tensor(got), torch.as_tensor(expected), rtol=1e-4, atol=1e-6)
+
+
 def test_spectral_coordination_without_host_sync():
     case = CASES_BY_NAME["llama_gqa"]
     model = get_peft_model(case.model().to(CUDA), MFTCConfig(task_type="CAUSAL_LM", **WARMUP))

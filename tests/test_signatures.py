@@ -106,7 +106,7 @@ def test_hooks_leave_reductions_on_the_device_until_the_micro_batch_ends(model, 
 
     with collector:
         with monkeypatch.context() as patch:
-            for name in ("cpu", "item", "tolist", "numpy", "__bool__"):
+            for name in ("cpu", "item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "nonzero"):
                 patch.setattr(torch.Tensor, name, refuse)
             _backward(linear, conv, 0)
         assert collector.end_micro_batch()
@@ -117,13 +117,31 @@ def test_hooks_leave_reductions_on_the_device_until_the_micro_batch_ends(model, 
 def test_two_backward_passes_in_one_micro_batch_add_up(model):
     linear, conv, targets = model
     expected = _reference_energy(linear, conv, 0) + _reference_energy(linear, conv, 1)
-    collector = SignatureCollector(targets, window=4)
-    with collector:
-        _backward(linear, conv, 0)
-        _backward(linear, conv, 1)
-        assert collector.end_micro_batch()
+    sketches = []
+    for seeds in ([0], [1], [0, 1]):
+        collector = SignatureCollector(targets, window=4, keep_history=True)
+        with collector:
+            for seed in seeds:
+                _backward(linear, conv, seed)
+            assert collector.end_micro_batch()
+        sketches.append(collector.history()[0])
     np.testing.assert_allclose(collector.block_energy(), expected, rtol=1e-5)
     assert collector.n_micro_batches == 1
+    np.testing.assert_allclose(sketches[2], sketches[0] + sketches[1], rtol=1e-5, atol=1e-7)  # sketches are linear
+
+
+def test_only_the_targets_with_a_non_finite_gradient_are_named(model):
+    linear, conv, targets = model
+    x = torch.randn(5, 10, generator=torch.Generator().manual_seed(0))
+    collector = SignatureCollector(targets, window=4)
+    with collector:
+        (linear(x).sum() * float("nan")).backward()  # the gradient reaches fc only; proj gets none
+        with pytest.warns(RuntimeWarning, match=r"non-finite gradient in fc; it is not folded"):
+            assert not collector.end_micro_batch()
+        linear(x).pow(2).sum().backward()  # fc only again, finite: proj's blocks get zeros, not an error
+        assert collector.end_micro_batch()
+    energy = collector.block_energy()
+    assert np.all(energy[:3] > 0) and np.all(energy[3:] == 0)
 
 
 def test_non_finite_micro_batch_is_skipped_with_warning(model):
