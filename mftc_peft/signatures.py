@@ -112,13 +112,12 @@ class SignatureCollector:
         segments = self._on_device("segments", index, rows.device, grid.segment_ids)
         per_row = rows.pow(2).sum(dim=1, dtype=torch.float64)  # (length,)
         energy = torch.zeros(grid.n_blocks, dtype=torch.float64, device=rows.device).index_add_(0, segments, per_row)
-        sketch = self._sketch(index, rows, grid, segments) if self._sketching else None
+        reduced = energy[:, None]  # (blocks, 1 [+ sketch_dim]): the energy, then the sketch
+        if self._sketching:
+            reduced = torch.cat([reduced, self._sketch(index, rows, grid, segments)], dim=1)
         # Kept on the gradient's device until the micro-batch ends: a host copy (or a finiteness test) here would
         # make every backward pass wait for the device once per target weight.
-        if index in self._pending:
-            energy = energy + self._pending[index][0]
-            sketch = None if sketch is None else sketch + self._pending[index][1]
-        self._pending[index] = (energy, sketch)
+        self._pending[index] = reduced + self._pending[index] if index in self._pending else reduced
 
     def _sketch(self, index, rows, grid, segments):
         """Sketch of every block: element (p, q) adds s(p) s'(q) g[p, q] to bucket h'(q).
@@ -163,33 +162,27 @@ class SignatureCollector:
 
     # ------------------------------------------------------------------ micro-batches
     def _clear_pending(self):
-        self._pending: dict[int, tuple] = {}  # target index -> (energy, sketch or None), on the gradient's device
+        self._pending: dict[int, torch.Tensor] = {}  # target index -> (blocks, 1 [+ sketch_dim]) on its device
 
     def _gather_pending(self):
         """The micro-batch's reductions on the host, with one copy per device: (energy (m,), sketch (m, d) or None,
         names of the targets whose gradient was not finite). A target without a gradient contributes zeros."""
-        columns = 1 + (self.sketch_dim if self._sketching else 0)  # energy, then the sketch
-        host = torch.zeros(len(self.nodes), columns, dtype=torch.float64)
+        host = torch.zeros(len(self.nodes), 1 + (self.sketch_dim if self._sketching else 0), dtype=torch.float64)
         by_device = defaultdict(list)
-        for index, (target_energy, _) in self._pending.items():
-            by_device[target_energy.device].append(index)
+        for index, reduced in self._pending.items():
+            by_device[reduced.device].append(index)
         for indices in by_device.values():
-            rows = torch.cat([self._pending_rows(i) for i in indices]).cpu()
+            copied = torch.cat([self._pending[i] for i in indices]).cpu()
             at = 0
             for i in indices:
                 start, stop = self._offsets[i], self._offsets[i + 1]
-                host[start:stop] = rows[at : at + stop - start]
+                host[start:stop] = copied[at : at + stop - start]
                 at += stop - start
         energy = host[:, 0].contiguous()
         sketch = host[:, 1:].contiguous() if self._sketching else None
         bad = [name for i, (name, _, _, _) in enumerate(self._targets)
                if not bool(torch.isfinite(energy[self._offsets[i] : self._offsets[i + 1]]).all())]
         return energy, sketch, bad
-
-    def _pending_rows(self, index):
-        """Target `index`'s pending reductions as one (blocks, 1 [+ sketch_dim]) tensor on its device."""
-        energy, sketch = self._pending[index]
-        return energy[:, None] if sketch is None else torch.cat([energy[:, None], sketch], dim=1)
 
     def end_micro_batch(self) -> bool:
         """Fold the gradients reduced since the last call into the window. Returns False if the micro-batch was skipped.

@@ -44,9 +44,9 @@ class Measurement:
     dsca_seconds: float  # of which DSCA (ablations without clustering leave it out of their warm-up time)
 
 
-def measure(peft_model, batches, *, projections: bool = True) -> Measurement:
+def measure(peft_model, batches, *, projections: bool = False) -> Measurement:
     """MFTC's warm-up measurement (head fit, signatures, DSCA) on `batches`; the model is left as it was.
-    `projections=False` skips the taylor probe's gradient sketches, for selections that read only energies."""
+    `projections=True` also collects the taylor probe's gradient sketches (for selections that read them)."""
     start = time.perf_counter()
     measured = measure_blocks(peft_model, batches, keep_projections=projections)
     return Measurement(
