@@ -6,11 +6,15 @@ in expectation); its quota is then filled with its highest-energy blocks. On the
 thirds of the budget into one role (attention-out column groups) and lost to random blocks, while this rule did not
 (benchmarks/results/NOTES.md, entries 21, 25 and 26).
 
-What it does where shares fall below one block, as measured (NOTES 26-28): the rounding's remainders go to the
-weights seen first, so with many weights and a small budget the early layers get one block more than the late ones,
-and weights whose share is under half a block (attention weights, which hold few blocks) may get none; the budget in
-blocks uses the median block size, so where larger blocks (heads, row groups) are in the quotas the element budget
-drops the lowest-energy quota blocks.
+Where shares fall below one block, the rounding decides (`MFTCConfig.quota_rounding`):
+- "largest_remainder" (as measured in NOTES 26-28): the remainders go to the weights seen first on ties, so with many
+  weights and a small budget the early layers get one block more than the late ones, and weights whose share is under
+  half a block (attention weights, which hold few blocks) may get none;
+- "systematic": each weight's share is rounded up with probability equal to its fraction (systematic sampling along
+  the weights in model order, seeded): every weight gets random blocks' expected count, and the rounded-up weights
+  are spaced evenly along the layers.
+The budget in blocks uses the median block size, so where larger blocks (heads, row groups) are in the quotas the
+element budget drops the lowest-energy quota blocks.
 """
 
 from __future__ import annotations
@@ -20,35 +24,53 @@ import numpy as np
 from .search import BlockTable
 
 ALLOCATIONS = ("search", "proportional")
+QUOTA_ROUNDINGS = ("largest_remainder", "systematic")
 
 
-def proportional_quotas(table: BlockTable, budget: int) -> list[tuple[np.ndarray, int]]:
+def proportional_quotas(table: BlockTable, budget: int, rounding: str = "largest_remainder",
+                        seed: int = 0) -> list[tuple[np.ndarray, int]]:
     """(rows of `table` in one weight, that weight's quota in blocks), weights in first-seen order.
 
     The budget in blocks is `budget // median block size`; it is shared out in proportion to each weight's block
-    count, rounding by largest remainders (ties to the weight seen first), so quotas sum to it exactly.
+    count and rounded as `rounding` says (module docstring; `seed` drives "systematic"), so quotas sum to it exactly.
     """
     names = np.array(table.module_names)
     weights = list(dict.fromkeys(table.module_names))
     if not weights:
         return []
     n_blocks = int(budget // max(int(np.median(table.sizes)), 1))
-    counts = np.array([np.sum(names == w) for w in weights], dtype=float)
+    counts = np.array([np.sum(names == w) for w in weights], dtype=int)
+    if n_blocks >= counts.sum():  # the budget holds every block
+        return [(np.flatnonzero(names == w), int(k)) for w, k in zip(weights, counts)]
     exact = n_blocks * counts / counts.sum()
-    quota = np.minimum(np.floor(exact).astype(int), counts.astype(int))
+    quota = np.floor(exact).astype(int)
     remainder = n_blocks - int(quota.sum())
-    order = np.argsort(-(exact - quota), kind="stable")
-    quota[order[:remainder]] += 1
-    quota = np.minimum(quota, counts.astype(int))  # a quota never exceeds the weight's blocks (budget > everything)
+    if rounding == "systematic":
+        quota[systematic_picks(exact - quota, remainder, np.random.default_rng(seed))] += 1
+    else:
+        quota[np.argsort(-(exact - quota), kind="stable")[:remainder]] += 1
     return [(np.flatnonzero(names == w), int(k)) for w, k in zip(weights, quota)]
 
 
-def proportional_selection(table: BlockTable, budget: int) -> dict[str, list[int]]:
+def systematic_picks(fractions: np.ndarray, n_picks: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of `n_picks` distinct entries, entry i drawn with probability `fractions[i]` (each in [0, 1), summing
+    to `n_picks`): one uniform offset, then points one apart along the cumulative fractions (Madow's systematic
+    sampling). Neighbours in the order given are rarely picked together, so picks spread evenly along it."""
+    if n_picks <= 0:
+        return np.zeros(0, dtype=np.int64)
+    edges = np.cumsum(fractions)
+    edges *= n_picks / edges[-1]  # exact total despite float sums
+    points = rng.uniform() + np.arange(n_picks)
+    return np.searchsorted(edges, points, side="right")
+
+
+def proportional_selection(table: BlockTable, budget: int, rounding: str = "largest_remainder",
+                           seed: int = 0) -> dict[str, list[int]]:
     """Module name -> sorted block ids: every weight's quota filled with its highest-energy blocks, then taken in
     order of energy while they fit `budget` elements (where the quotas hold blocks larger than the median, the
     weakest of them are left out)."""
     rows: list[int] = []
-    for mine, k in proportional_quotas(table, budget):
+    for mine, k in proportional_quotas(table, budget, rounding, seed):
         rows += mine[np.argsort(-table.energy[mine], kind="stable")][:k].tolist()
     rows.sort(key=lambda r: -table.energy[r])
     return take_in_order(table, rows, budget)

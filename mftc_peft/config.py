@@ -9,7 +9,7 @@ from typing import Optional, Union
 from peft.config import PeftConfig
 
 from . import defaults
-from .allocation import ALLOCATIONS
+from .allocation import ALLOCATIONS, QUOTA_ROUNDINGS
 from .blocks import AXIS_CHOICES
 from .checks import check_bool, check_choice, check_int, check_names, check_range, check_regex, is_int, is_real
 from .graph import SIMILARITIES
@@ -163,6 +163,15 @@ class MFTCConfig(PeftConfig):
             "lab showed it losing to random blocks on the LM, benchmarks/results/NOTES.md 26)."
         },
     )
+    quota_rounding: str = field(
+        default="largest_remainder",
+        metadata={
+            "help": "allocation='proportional' only. How shares under one block are rounded: 'largest_remainder' "
+            "(ties go to the weights seen first, so early layers may get a block more and weights with few blocks, "
+            "such as attention's, none) or 'systematic' (each share rounded up with probability equal to its "
+            "fraction, seeded by `seed`, spaced evenly along the layers: random blocks' expected count per weight)."
+        },
+    )
     probe: str = field(
         default="taylor",
         metadata={
@@ -271,6 +280,10 @@ class MFTCConfig(PeftConfig):
         check_choice("similarity", self.similarity, SIMILARITIES)
         check_choice("probe", self.probe, PROBES)
         check_choice("allocation", self.allocation, ALLOCATIONS)
+        check_choice("quota_rounding", self.quota_rounding, QUOTA_ROUNDINGS)
+        if self.allocation == "search" and self.quota_rounding != "largest_remainder":
+            raise ValueError(f"`quota_rounding` only applies to allocation='proportional' (the module search sets no "
+                             f"quotas), got quota_rounding={self.quota_rounding!r} with allocation='search'")
         check_choice("block_score", self.block_score, BLOCK_SCORES)
         if self.block_score != "energy" and self.probe != "taylor":
             raise ValueError(f"`block_score` {self.block_score!r} needs probe='taylor', got probe={self.probe!r}")

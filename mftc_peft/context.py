@@ -18,7 +18,7 @@ from .training import loss_and_outputs
 
 # Child seeds spawned from the config's one seed, one stream per stage that draws random numbers (style: separate
 # generators per purpose).
-STREAMS = ("signatures", "clustering", "probing")
+STREAMS = ("signatures", "clustering", "probing", "allocation")  # append only: spawn keys are positions
 
 
 def stage_seeds(seed: int) -> dict[str, int]:

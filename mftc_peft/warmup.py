@@ -101,7 +101,8 @@ def compute_selection(
         # No module search: the weights' sizes fix where the budget goes, energy which blocks (`allocation.py`).
         space = result = gain_model = loss_model = None
         with run.timed("search"):
-            selection = _broadcast(proportional_selection(measurement.table, budget))
+            selection = _broadcast(proportional_selection(
+                measurement.table, budget, run.config.quota_rounding, run.seeds["allocation"]))
         if not selection:
             logger.warning("MFTC warm-up: the budget (%s elements) holds no block; the adapter trains none", budget)
     else:

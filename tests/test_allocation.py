@@ -13,6 +13,7 @@ from test_warmup import token_batches, warm_model
 import mftc_peft
 from mftc_peft import MFTCConfig
 from mftc_peft.allocation import proportional_quotas, proportional_selection
+from mftc_peft.context import stage_seeds
 from mftc_peft.search import BlockTable
 
 
@@ -140,3 +141,49 @@ def test_proportional_warmup_sketches_no_gradients(monkeypatch):
     _, searching = warm_model(allocation="search")
     assert mftc_peft.measure_blocks(searching, token_batches(6)).projections is not None
     assert made == [False, False, True, True]
+
+
+def test_systematic_rounding_gives_each_weight_its_fraction_and_sums_exactly():
+    # 5 blocks over counts 6 : 3 : 1 -> exact 3, 1.5, 0.5: "b" and "c" each round up half the time, never together
+    table = _table(["a"] * 6 + ["b"] * 3 + ["c"] * 1, np.ones(10))
+    seen = Counter()
+    for seed in range(400):
+        quotas = {table.module_names[rows[0]]: k for rows, k in
+                  proportional_quotas(table, budget=50, rounding="systematic", seed=seed)}
+        assert sum(quotas.values()) == 5 and quotas["a"] == 3 and quotas["b"] in (1, 2) and quotas["c"] in (0, 1)
+        seen[quotas["c"]] += 1
+    assert 160 < seen[1] < 240  # largest remainders never give "c" a block (first test)
+
+
+def test_systematic_rounding_spaces_the_rounded_up_weights_evenly_along_the_model():
+    # 20 weights in model order, each a third of a block: largest remainders give the first 6 a block, systematic
+    # sampling one in every three.
+    names = [f"layer{i:02d}" for i in range(20) for _ in range(3)]
+    table = _table(names, np.ones(len(names)))
+    for rounding, seed in [("largest_remainder", 0)] + [("systematic", s) for s in range(5)]:
+        got = [i for i, (_, k) in enumerate(proportional_quotas(table, 60, rounding, seed)) if k]
+        assert len(got) == 6
+        if rounding == "largest_remainder":
+            assert got == [0, 1, 2, 3, 4, 5]
+        else:
+            assert np.all(np.diff(got) >= 3), got
+
+
+def test_warmup_rounds_quotas_as_the_config_says_from_its_own_seed():
+    batches = token_batches(6)
+    selections = {}
+    for rounding, seed in [("largest_remainder", 0), ("systematic", 0), ("systematic", 1)]:
+        _, model = warm_model(allocation="proportional", quota_rounding=rounding, seed=seed)
+        table = mftc_peft.measure_blocks(model, batches).table
+        report = mftc_peft.warmup(model, batches, progress=False)
+        stream = stage_seeds(seed)["allocation"]
+        assert report.selection == proportional_selection(table, report.budget_elements, rounding, stream)
+        selections[rounding, seed] = report.selection
+    assert len({json.dumps(s, sort_keys=True) for s in selections.values()}) == 3
+
+
+def test_quota_rounding_is_checked_and_refused_where_no_quotas_are_set():
+    with pytest.raises(ValueError, match=r"quota_rounding.*'even'"):
+        MFTCConfig(quota_rounding="even")
+    with pytest.raises(ValueError, match=r"quota_rounding.*allocation='search'"):
+        MFTCConfig(allocation="search", quota_rounding="systematic")
