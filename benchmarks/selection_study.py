@@ -60,6 +60,8 @@ VARIANTS = {
     "warmup_4": ("mftc", {"allocation": "proportional", "warmup_steps": 4}),  # half the LM's warm-up passes
     # The default with shares under one block rounded by seeded systematic sampling (attention weights get blocks)
     "systematic": ("mftc", {"allocation": "proportional", "quota_rounding": "systematic"}),
+    # The default with every weight cut into row groups: attention-out and FFN-down blocks touch every input feature
+    "rows_out": ("mftc", {"allocation": "proportional", "block_axis": "out"}),
     "middle_band": ("middle_band", {}),
 }
 # Learning-rate brackets (classification): block selections peaked at 5e-3 in the cpu profile, LoRA at 2e-3 (it
@@ -73,7 +75,7 @@ BRACKETS = {"cls": {"lora": (1e-3, 2e-3, 4e-3), "energy_steps": (2e-3, 5e-3, 1e-
                     "search": (2e-3, 5e-3, 1e-2, 2e-2)},
             "lm": {"random_blocks": (3e-3, 1e-2, 3e-2), "energy_steps": (3e-3, 1e-2, 3e-2),
                    "proportional_top": (3e-3, 1e-2, 3e-2), "proportional": (3e-3, 1e-2, 3e-2),
-                   "systematic": (3e-3, 1e-2, 3e-2)}}
+                   "systematic": (3e-3, 1e-2, 3e-2), "rows_out": (3e-3, 1e-2, 3e-2)}}
 DEFAULT_BRACKET = {"cls": (2e-3, 5e-3, 1e-2), "lm": (1e-3, 3e-3, 1e-2)}
 REFERENCES = ("random_blocks", "lora")
 METRIC = {"cls": ("val_accuracy", True), "lm": ("val_perplexity", False)}
@@ -110,7 +112,8 @@ LONG_BLOCKS = (1e-3, 2e-3, 5e-3, 1e-2)
 # `allocation="proportional"` starts at the rates the other block methods picked there (2e-3) and on the LM (1e-2, as
 # random blocks, whose spread it shares).
 PROFILE_BRACKETS = {"lab_long": {"search": LONG_BLOCKS, "random_blocks": LONG_BLOCKS, "lora": (5e-4, 1e-3, 2e-3),
-                                 "proportional": (1e-3, 2e-3, 5e-3), "systematic": (1e-3, 2e-3, 5e-3)}}
+                                 "proportional": (1e-3, 2e-3, 5e-3), "systematic": (1e-3, 2e-3, 5e-3),
+                                 "rows_out": (1e-3, 2e-3, 5e-3)}}
 
 
 def bracket(args, name: str) -> tuple[float, ...]:
