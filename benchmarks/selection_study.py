@@ -28,6 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import paired  # noqa: E402
+from harness.profiles import rank_for  # noqa: E402
+from harness.summary import budget_of  # noqa: E402
 from run import RESULTS, execute  # noqa: E402
 
 # name: (benchmark method, MFTCConfig overrides)
@@ -97,8 +99,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--profile", default="cpu",
                         help="profile whose classification settings are used (tests: smoke)")
+    parser.add_argument("--budget-multiple", type=float, default=1.0,
+                        help="budget as a multiple of LoRA r=8's trainable count (LoRA then runs at r=8x this)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    try:
+        rank_for(args.budget_multiple)
+    except ValueError as error:
+        parser.error(f"`--budget-multiple`: {error}")
     bad = [v for v in args.variants.split(",") if v not in VARIANTS]
     if bad:
         parser.error(f"`--variants` must be a comma-separated subset of {','.join(VARIANTS)}, got {bad}")
@@ -127,22 +135,25 @@ def bracket(args, name: str) -> tuple[float, ...]:
 
 def specs(args, lora_budget: int) -> list[dict]:
     base = {"profile": args.profile, "task": args.task, "device": "cpu", "phase": "sweep", "lr_swept": False,
-            "lora_budget": lora_budget, "match_budget": lora_budget, "budget_source": "lora"}
+            "lora_budget": lora_budget, "match_budget": lora_budget, "budget_source": "lora",
+            "budget_multiple": args.budget_multiple, "lora_rank": rank_for(args.budget_multiple)}
     return [base | {"variant": name, "method": VARIANTS[name][0], "mftc_config": VARIANTS[name][1], "seed": seed,
                     "lr": lr}
             for seed in range(args.seeds) for name in args.variants.split(",") for lr in bracket(args, name)]
 
 
 def tables(records: list[dict]) -> str:
-    """One section per (profile, task): paired table at each variant's best rate, then the rate curves."""
+    """One section per (profile, task, budget): paired table at each variant's best rate, then the rate curves."""
     sections = []
-    for profile, task in sorted({(r["profile"], r["task"]) for r in records if r.get("status") == "ok"}):
+    section_of = lambda r: (r["profile"], r["task"], budget_of(r))  # noqa: E731
+    for profile, task, multiple in sorted({section_of(r) for r in records if r.get("status") == "ok"}):
         metric, higher = METRIC[task]
-        mine = [r for r in records if (r["profile"], r["task"]) == (profile, task)]
+        mine = [r for r in records if section_of(r) == (profile, task, multiple)]
         picks = paired.pick_variants(mine, metric, higher_is_better=higher)
         scale, unit = (100.0, "pt") if task == "cls" else (1.0, "ppl")
         steps = sorted({r.get("steps") for r in mine if r.get("steps")})
-        sections.append(f"## {profile} profile, {task}: {metric} ({'higher' if higher else 'lower'} is better), "
+        at = "" if multiple == 1.0 else f" at {multiple:g}x LoRA r=8's count"
+        sections.append(f"## {profile} profile, {task}{at}: {metric} ({'higher' if higher else 'lower'} is better), "
                         f"steps {steps}\n\n" + paired.paired_table(picks, REFERENCES, scale=scale, unit=unit,
                                                                      higher_is_better=higher)
                         + "\nMean over seeds at every rate of each bracket (bold: the pick):\n\n"
@@ -181,7 +192,8 @@ def main(argv=None) -> None:
     from harness.tasks import make_task
 
     profile = PROFILES[args.profile]
-    budget = lora_budget(make_task(args.task, profile.settings[args.task], tiny=profile.tiny_models))
+    budget = lora_budget(make_task(args.task, profile.settings[args.task], tiny=profile.tiny_models),
+                         rank=rank_for(args.budget_multiple))
 
     def one(spec):
         record = execute(spec, in_process=False) | {"variant": spec["variant"]}
@@ -193,7 +205,7 @@ def main(argv=None) -> None:
 
     todo = specs(args, budget)
     if args.resume and path.exists():
-        key = lambda r: (r["variant"], r["seed"], r["lr"], r["profile"], r["task"])  # noqa: E731
+        key = lambda r: (r["variant"], r["seed"], r["lr"], r["profile"], r["task"], budget_of(r))  # noqa: E731
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         done = {key(r) for r in lines if r.get("status") == "ok"}
         todo = [spec for spec in todo if key(spec) not in done]

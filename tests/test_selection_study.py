@@ -132,3 +132,24 @@ def test_language_model_verdicts_follow_perplexity_direction():
     # default is 1 perplexity point above random blocks on every seed: behind, not ahead
     assert "+1.00 [+1.00, +1.00] behind" in line["default"] and "-2.00 [-2.00, -2.00] ahead" in line["lora"]
     assert text.index("| lora |") < text.index("| default |")  # best (lowest perplexity) first
+
+
+def test_a_budget_multiple_sets_lora_rank_and_gets_its_own_table_section():
+    import selection_study
+
+    args = selection_study.parse_args(["--task", "lm", "--variants", "systematic,lora", "--budget-multiple", "0.25"])
+    specs = selection_study.specs(args, lora_budget=610)
+    assert {(s["budget_multiple"], s["lora_rank"], s["lora_budget"]) for s in specs} == {(0.25, 2, 610)}
+    rows = [{"status": "ok", "profile": "cpu", "task": "lm", "variant": variant, "lr": lr, "seed": seed, "steps": 40,
+             "val_perplexity": value + seed + lr, **extra}
+            for variant, value in (("systematic", 40.0), ("lora", 39.0)) for lr in (1e-3, 3e-3, 1e-2)
+            for seed in range(2) for extra in ({}, {"budget_multiple": 0.25})]
+    text = selection_study.tables(rows)
+    # records without a multiple are 1x; the two budgets are paired and picked apart, never mixed
+    assert text.count("## cpu profile, lm") == 2 and "## cpu profile, lm at 0.25x LoRA r=8's count" in text
+    try:
+        selection_study.parse_args(["--budget-multiple", "0.3"])
+    except SystemExit:
+        pass
+    else:
+        raise AssertionError("a multiple that is not a whole LoRA rank must be refused")
