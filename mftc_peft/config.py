@@ -167,9 +167,11 @@ class MFTCConfig(PeftConfig):
         default="largest_remainder",
         metadata={
             "help": "allocation='proportional' only. How shares under one block are rounded: 'largest_remainder' "
-            "(ties go to the weights seen first, so early layers may get a block more and weights with few blocks, "
-            "such as attention's, none) or 'systematic' (each share rounded up with probability equal to its "
-            "fraction, seeded by `seed`, spaced evenly along the layers: random blocks' expected count per weight)."
+            "(ties go to the weights seen first, so with fewer blocks than weights all of them land in the first "
+            "layers), 'systematic' (each share rounded up with probability equal to its fraction, seeded by `seed`, "
+            "spaced evenly along the layers: random blocks' expected count per weight; picks a whole number of "
+            "layers apart all land on one role) or 'systematic_mixed' (the same with each layer's weights in a "
+            "seeded random order, so the roles vary)."
         },
     )
     probe: str = field(

@@ -169,17 +169,34 @@ def test_systematic_rounding_spaces_the_rounded_up_weights_evenly_along_the_mode
             assert np.all(np.diff(got) >= 3), got
 
 
+def test_mixed_systematic_rounding_keeps_one_pick_per_layer_and_varies_the_role():
+    # 6 layers x 6 roles, a sixth of a block each: picks one layer apart. In model order they alias with the
+    # period and all land on one role; with each layer's roles shuffled they still take one per layer.
+    roles = ["q", "k", "v", "o", "ffn_in", "ffn_out"]
+    names = [f"layer.{i}.{role}" for i in range(6) for role in roles]
+    table = _table(names, np.ones(len(names)))
+    distinct = {}
+    for rounding in ("systematic", "systematic_mixed"):
+        distinct[rounding] = []
+        for seed in range(20):
+            got = [names[rows[0]] for rows, k in proportional_quotas(table, 60, rounding, seed) if k]
+            assert sorted(int(n.split(".")[1]) for n in got) == list(range(6)), got
+            distinct[rounding].append(len({n.split(".")[2] for n in got}))
+    assert set(distinct["systematic"]) == {1}
+    assert np.mean(distinct["systematic_mixed"]) > 3  # 6 draws from 6 roles: about 4 distinct
+
+
 def test_warmup_rounds_quotas_as_the_config_says_from_its_own_seed():
     batches = token_batches(6)
     selections = {}
-    for rounding, seed in [("largest_remainder", 0), ("systematic", 0), ("systematic", 1)]:
+    for rounding, seed in [("largest_remainder", 0), ("systematic", 0), ("systematic", 1), ("systematic_mixed", 1)]:
         _, model = warm_model(allocation="proportional", quota_rounding=rounding, seed=seed)
         table = mftc_peft.measure_blocks(model, batches).table
         report = mftc_peft.warmup(model, batches, progress=False)
         stream = stage_seeds(seed)["allocation"]
         assert report.selection == proportional_selection(table, report.budget_elements, rounding, stream)
         selections[rounding, seed] = report.selection
-    assert len({json.dumps(s, sort_keys=True) for s in selections.values()}) == 3
+    assert len({json.dumps(s, sort_keys=True) for s in selections.values()}) == 4
 
 
 def test_quota_rounding_is_checked_and_refused_where_no_quotas_are_set():

@@ -95,10 +95,13 @@ def test_a_step_too_small_for_bf16_still_changes_the_delta():
     model(**causal_batches(1, seed=3)[0]).loss.backward()
     largest = max(float(p.grad.abs().max()) for p in trained)
     assert largest > 0
-    torch.optim.SGD(trained, lr=1e-3 / largest).step()  # every element moves by at most 1e-3
+    lr = 1e-3 / largest
+    torch.optim.SGD(trained, lr=lr).step()  # every element moves by at most 1e-3
     moved = sum(int((p != 1.0).sum()) for p in trained)
+    # fp32 resolves steps of 2**-23 at 1.0; those must all land (in bf16 none would), and they must be most of them
+    resolvable = sum(int((lr * p.grad.abs() >= 2**-23).sum()) for p in trained)
     nonzero = sum(int((p.grad != 0).sum()) for p in trained)
-    assert moved > 0.99 * nonzero > 0  # in bf16 none would move; fp32 loses only steps below 2**-24
+    assert moved >= resolvable > 0.9 * nonzero > 0
 
 
 def test_reselection_keeps_the_delta_dtype_and_parameter():
