@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
@@ -104,7 +105,17 @@ def test_a_step_too_small_for_bf16_still_changes_the_delta():
     assert moved >= resolvable > 0.9 * nonzero > 0
 
 
-def test_reselection_keeps_the_delta_dtype_and_parameter():
+def test_reselection_keeps_the_delta_dtype_and_parameter(monkeypatch):
+    measured = mftc_peft.dynamic._energy_per_element
+
+    def energies(peft_model, layers, adapter_name, *rest):  # the real measurement, unselected blocks made the newcomers
+        energy = measured(peft_model, layers, adapter_name, *rest)
+        for name, layer in layers.items():
+            unselected = np.setdiff1d(np.arange(energy[name].size), layer.block_ids(adapter_name))
+            energy[name][unselected] += 1.0 + 10 * energy[name].max()
+        return energy
+
+    monkeypatch.setattr(mftc_peft.dynamic, "_energy_per_element", energies)
     model = warm_model(torch.bfloat16)
     before = {id(p) for p in deltas(model)}
     report = mftc_peft.reselect_blocks(model, causal_batches(2, seed=4), fraction=1.0)
