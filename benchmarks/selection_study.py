@@ -58,11 +58,12 @@ VARIANTS = {
     "reselect_16": ("mftc", {"allocation": "search", "reselect_every": 16, "reselect_fraction": 0.25}),
     "consistency": ("mftc", {"allocation": "search", "block_score": "consistency"}),
     "proportional_top": ("proportional_top", {}),  # the next one's selection on the lab's measurement
-    "proportional": ("mftc", {"allocation": "proportional", "quota_rounding": "largest_remainder"}),  # pinned: the lab name means this rounding
+    # pinned, so that the lab name keeps meaning this rounding whatever the default becomes
+    "proportional": ("mftc", {"allocation": "proportional", "quota_rounding": "largest_remainder"}),
     "warmup_4": ("mftc", {"allocation": "proportional", "warmup_steps": 4}),  # half the LM's warm-up passes
     # The default with shares under one block rounded by seeded systematic sampling (attention weights get blocks)
     "systematic": ("mftc", {"allocation": "proportional", "quota_rounding": "systematic"}),
-    # ... with each layer's weights shuffled first: systematic picks a whole layer apart all took one role (NOTES 50)
+    # ... with each layer's weights shuffled first: systematic picks a whole layer apart all took one role (NOTES 51)
     "systematic_mixed": ("mftc", {"allocation": "proportional", "quota_rounding": "systematic_mixed"}),
     # The default with every weight cut into row groups: attention-out and FFN-down blocks touch every input feature
     "rows_out": ("mftc", {"allocation": "proportional", "block_axis": "out"}),

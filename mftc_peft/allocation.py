@@ -74,7 +74,7 @@ def systematic_picks(fractions: np.ndarray, n_picks: int, rng: np.random.Generat
 def mixed_layer_order(layers: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The weights ordered by layer, in a seeded random order inside each layer. Systematic sampling along model
     order aliases with the layers' period: where the spacing between picks is a whole layer, every pick lands on the
-    same role (MiniLM at a quarter of LoRA r=8's count: six blocks, all in one role, NOTES 50)."""
+    same role (MiniLM at a quarter of LoRA r=8's count: six blocks, all in one role, NOTES 51)."""
     return np.lexsort((rng.permutation(len(layers)), layers))
 
 
