@@ -15,7 +15,10 @@ Where shares fall below one block, the rounding decides (`MFTCConfig.quota_round
   are spaced evenly along the layers; where the spacing between picks is a whole number of layers, they all land on
   one role (the frame is periodic);
 - "systematic_mixed": the same, with each layer's weights in a seeded random order, so picks still spread evenly
-  along the layers and the roles vary between them.
+  along the layers and the roles vary between them;
+- "spread_remainder": largest remainders, so the weights with the largest fractional shares (on the models measured,
+  the FFN weights) still come first, but the weights tied at the cut share its blocks evenly along the layers
+  (systematic sampling over them in a mixed layer order) instead of going to the first layers.
 The budget in blocks uses the median block size, so where larger blocks (heads, row groups) are in the quotas the
 element budget drops the lowest-energy quota blocks.
 """
@@ -27,7 +30,7 @@ import numpy as np
 from .search import BlockTable
 
 ALLOCATIONS = ("search", "proportional")
-QUOTA_ROUNDINGS = ("largest_remainder", "systematic", "systematic_mixed")
+QUOTA_ROUNDINGS = ("largest_remainder", "systematic", "systematic_mixed", "spread_remainder")
 
 
 def proportional_quotas(table: BlockTable, budget: int, rounding: str = "largest_remainder",
@@ -35,7 +38,7 @@ def proportional_quotas(table: BlockTable, budget: int, rounding: str = "largest
     """(rows of `table` in one weight, that weight's quota in blocks), weights in first-seen order.
 
     The budget in blocks is `budget // median block size`; it is shared out in proportion to each weight's block
-    count and rounded as `rounding` says (module docstring; `seed` drives "systematic"), so quotas sum to it exactly.
+    count and rounded as `rounding` says (module docstring; `seed` drives the seeded ones), so quotas sum to it exactly.
     """
     names = np.array(table.module_names)
     weights = list(dict.fromkeys(table.module_names))
@@ -48,12 +51,13 @@ def proportional_quotas(table: BlockTable, budget: int, rounding: str = "largest
     exact = n_blocks * counts / counts.sum()
     quota = np.floor(exact).astype(int)
     remainder = n_blocks - int(quota.sum())
+    rng = np.random.default_rng(seed)
+    layers = table.layers[[int(np.argmax(names == w)) for w in weights]]
     if rounding in ("systematic", "systematic_mixed"):
-        rng = np.random.default_rng(seed)
-        order = np.arange(len(weights))
-        if rounding == "systematic_mixed":
-            order = mixed_layer_order(table.layers[[int(np.argmax(names == w)) for w in weights]], rng)
+        order = mixed_layer_order(layers, rng) if rounding == "systematic_mixed" else np.arange(len(weights))
         quota[order[systematic_picks((exact - quota)[order], remainder, rng)]] += 1
+    elif rounding == "spread_remainder":
+        quota[spread_remainder_picks(exact - quota, remainder, layers, rng)] += 1
     else:
         quota[np.argsort(-(exact - quota), kind="stable")[:remainder]] += 1
     return [(np.flatnonzero(names == w), int(k)) for w, k in zip(weights, quota)]
@@ -69,6 +73,23 @@ def systematic_picks(fractions: np.ndarray, n_picks: int, rng: np.random.Generat
     edges *= n_picks / edges[-1]  # exact total despite float sums
     points = rng.uniform() + np.arange(n_picks)
     return np.searchsorted(edges, points, side="right")
+
+
+def spread_remainder_picks(remainders: np.ndarray, n_picks: int, layers: np.ndarray,
+                           rng: np.random.Generator) -> np.ndarray:
+    """Indices of the `n_picks` largest `remainders`, where the entries tied at the cut share the picks left evenly
+    along the layers: systematic sampling with equal fractions over them in `mixed_layer_order`. Largest remainders
+    alone break ties by model order, so with fewer blocks than tied weights every block lands in the first layers
+    (SmolLM2 at a quarter of LoRA r=8's count: 30 / 3 / 0 blocks by layer thirds, NOTES 50)."""
+    if n_picks <= 0:
+        return np.zeros(0, dtype=np.int64)
+    cut = np.sort(remainders)[::-1][n_picks - 1]
+    tied = np.isclose(remainders, cut, rtol=1e-9, atol=1e-12)
+    above = np.flatnonzero((remainders > cut) & ~tied)
+    tied = np.flatnonzero(tied)
+    tied = tied[mixed_layer_order(layers[tied], rng)]
+    left = n_picks - len(above)
+    return np.concatenate([above, tied[systematic_picks(np.full(len(tied), left / len(tied)), left, rng)]])
 
 
 def mixed_layer_order(layers: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -170,8 +170,9 @@ class MFTCConfig(PeftConfig):
             "(ties go to the weights seen first, so with fewer blocks than weights all of them land in the first "
             "layers), 'systematic' (each share rounded up with probability equal to its fraction, seeded by `seed`, "
             "spaced evenly along the layers: random blocks' expected count per weight; picks a whole number of "
-            "layers apart all land on one role) or 'systematic_mixed' (the same with each layer's weights in a "
-            "seeded random order, so the roles vary)."
+            "layers apart all land on one role), 'systematic_mixed' (the same with each layer's weights in a "
+            "seeded random order, so the roles vary) or 'spread_remainder' (largest remainders, with the weights tied "
+            "at the cut sharing its blocks evenly along the layers instead of the first layers taking them all)."
         },
     )
     probe: str = field(

@@ -186,17 +186,42 @@ def test_mixed_systematic_rounding_keeps_one_pick_per_layer_and_varies_the_role(
     assert np.mean(distinct["systematic_mixed"]) > 3  # 6 draws from 6 roles: about 4 distinct
 
 
+def test_spread_remainder_keeps_the_largest_shares_first_and_spreads_the_tied_ones_along_the_layers():
+    # 12 layers, each an "ffn" weight of 4 blocks and an "attn" weight of 1: 9 blocks over 60 give each ffn weight 0.6
+    # of a block and each attn weight 0.15. Largest remainders give the 9 ffn weights of layers 0-8 a block; the
+    # spread keeps ffn first but takes 9 of the 12 layers evenly, so the last third gets its share.
+    names = [f"layer.{i}.{role}" for i in range(12) for role in ["ffn"] * 4 + ["attn"]]
+    table = _table(names, np.ones(len(names)))
+    for rounding, seed in [("largest_remainder", 0)] + [("spread_remainder", s) for s in range(10)]:
+        got = [names[rows[0]] for rows, k in proportional_quotas(table, 90, rounding, seed) if k]
+        assert len(got) == 9 and all(n.endswith("ffn") for n in got), got
+        layers = [int(n.split(".")[1]) for n in got]
+        if rounding == "largest_remainder":
+            assert layers == list(range(9))
+        else:
+            assert sum(layer >= 8 for layer in layers) >= 3 and max(np.diff(sorted(layers))) <= 2, layers
+    # Shares above the cut are always taken: 6 blocks over 37 give 5 ffn weights 0.81 each, all taken before the 12
+    # attn weights (0.16 each, tied at the cut), which share the one block left
+    names = [f"layer.{i}.ffn" for i in range(5) for _ in range(5)] + [f"layer.{i}.attn" for i in range(12)]
+    table = _table(names, np.ones(len(names)))
+    for seed in range(5):
+        quotas = {table.module_names[rows[0]]: k
+                  for rows, k in proportional_quotas(table, 60, "spread_remainder", seed)}
+        assert all(quotas[f"layer.{i}.ffn"] == 1 for i in range(5)) and sum(quotas.values()) == 6, quotas
+
+
 def test_warmup_rounds_quotas_as_the_config_says_from_its_own_seed():
     batches = token_batches(6)
     selections = {}
-    for rounding, seed in [("largest_remainder", 0), ("systematic", 0), ("systematic", 1), ("systematic_mixed", 1)]:
+    for rounding, seed in [("largest_remainder", 0), ("systematic", 0), ("systematic", 1), ("systematic_mixed", 1),
+                           ("spread_remainder", 2)]:
         _, model = warm_model(allocation="proportional", quota_rounding=rounding, seed=seed)
         table = mftc_peft.measure_blocks(model, batches).table
         report = mftc_peft.warmup(model, batches, progress=False)
         stream = stage_seeds(seed)["allocation"]
         assert report.selection == proportional_selection(table, report.budget_elements, rounding, stream)
         selections[rounding, seed] = report.selection
-    assert len({json.dumps(s, sort_keys=True) for s in selections.values()}) == 4
+    assert len({json.dumps(s, sort_keys=True) for s in selections.values()}) == 5
 
 
 def test_quota_rounding_is_checked_and_refused_where_no_quotas_are_set():
