@@ -65,7 +65,7 @@ VARIANTS = {
     "systematic": ("mftc", {"allocation": "proportional", "quota_rounding": "systematic"}),
     # ... with each layer's weights shuffled first: systematic picks a whole layer apart all took one role (NOTES 51)
     "systematic_mixed": ("mftc", {"allocation": "proportional", "quota_rounding": "systematic_mixed"}),
-    # Largest remainders (FFN weights first, as the default) with the tied weights spread along the layers (NOTES 54)
+    # Largest remainders (FFN weights first, as the default) with the tied weights spread along the layers (NOTES 55)
     "spread_remainder": ("mftc", {"allocation": "proportional", "quota_rounding": "spread_remainder"}),
     # The default with every weight cut into row groups: attention-out and FFN-down blocks touch every input feature
     "rows_out": ("mftc", {"allocation": "proportional", "block_axis": "out"}),

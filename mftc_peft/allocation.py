@@ -38,7 +38,7 @@ def proportional_quotas(table: BlockTable, budget: int, rounding: str = "largest
     """(rows of `table` in one weight, that weight's quota in blocks), weights in first-seen order.
 
     The budget in blocks is `budget // median block size`; it is shared out in proportion to each weight's block
-    count and rounded as `rounding` says (module docstring; `seed` drives the seeded ones), so quotas sum to it exactly.
+    count and rounded as `rounding` says (module docstring; `seed` drives the seeded ones); quotas sum to it exactly.
     """
     names = np.array(table.module_names)
     weights = list(dict.fromkeys(table.module_names))
@@ -52,15 +52,22 @@ def proportional_quotas(table: BlockTable, budget: int, rounding: str = "largest
     quota = np.floor(exact).astype(int)
     remainder = n_blocks - int(quota.sum())
     rng = np.random.default_rng(seed)
-    layers = table.layers[[int(np.argmax(names == w)) for w in weights]]
-    if rounding in ("systematic", "systematic_mixed"):
-        order = mixed_layer_order(layers, rng) if rounding == "systematic_mixed" else np.arange(len(weights))
+    if rounding == "systematic":
+        quota[systematic_picks(exact - quota, remainder, rng)] += 1
+    elif rounding == "systematic_mixed":
+        order = mixed_layer_order(_weight_layers(table, names, weights), rng)
         quota[order[systematic_picks((exact - quota)[order], remainder, rng)]] += 1
     elif rounding == "spread_remainder":
+        layers = _weight_layers(table, names, weights)
         quota[spread_remainder_picks(exact - quota, remainder, layers, rng)] += 1
     else:
         quota[np.argsort(-(exact - quota), kind="stable")[:remainder]] += 1
     return [(np.flatnonzero(names == w), int(k)) for w, k in zip(weights, quota)]
+
+
+def _weight_layers(table: BlockTable, names: np.ndarray, weights: list[str]) -> np.ndarray:
+    """Each weight's transformer layer (from its first block's row)."""
+    return table.layers[[int(np.argmax(names == w)) for w in weights]]
 
 
 def systematic_picks(fractions: np.ndarray, n_picks: int, rng: np.random.Generator) -> np.ndarray:
