@@ -60,7 +60,8 @@ VARIANTS = {
     "proportional_top": ("proportional_top", {}),  # the next one's selection on the lab's measurement
     # pinned, so that the lab name keeps meaning this rounding whatever the default becomes
     "proportional": ("mftc", {"allocation": "proportional", "quota_rounding": "largest_remainder"}),
-    "warmup_4": ("mftc", {"allocation": "proportional", "warmup_steps": 4}),  # half the LM's warm-up passes
+    # half the LM's warm-up passes
+    "warmup_4": ("mftc", {"allocation": "proportional", "quota_rounding": "largest_remainder", "warmup_steps": 4}),
     # The default with shares under one block rounded by seeded systematic sampling (attention weights get blocks)
     "systematic": ("mftc", {"allocation": "proportional", "quota_rounding": "systematic"}),
     # ... with each layer's weights shuffled first: systematic picks a whole layer apart all took one role (NOTES 51)
@@ -68,7 +69,7 @@ VARIANTS = {
     # Largest remainders (FFN weights first, as the default) with the tied weights spread along the layers (NOTES 55)
     "spread_remainder": ("mftc", {"allocation": "proportional", "quota_rounding": "spread_remainder"}),
     # The default with every weight cut into row groups: attention-out and FFN-down blocks touch every input feature
-    "rows_out": ("mftc", {"allocation": "proportional", "block_axis": "out"}),
+    "rows_out": ("mftc", {"allocation": "proportional", "quota_rounding": "largest_remainder", "block_axis": "out"}),
     "middle_band": ("middle_band", {}),
 }
 # Learning-rate brackets (classification): block selections peaked at 5e-3 in the cpu profile, LoRA at 2e-3 (it

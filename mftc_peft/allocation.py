@@ -7,18 +7,20 @@ thirds of the budget into one role (attention-out column groups) and lost to ran
 (benchmarks/results/NOTES.md, entries 21, 25 and 26).
 
 Where shares fall below one block, the rounding decides (`MFTCConfig.quota_rounding`):
-- "largest_remainder" (as measured in NOTES 26-28): the remainders go to the weights seen first on ties, so with many
-  weights and a small budget the early layers get one block more than the late ones, and weights whose share is under
-  half a block (attention weights, which hold few blocks) may get none;
+- "largest_remainder" (the default until NOTES 56; measured in NOTES 26-28): the remainders go to the weights seen
+  first on ties, so with many weights and a small budget the early layers get one block more than the late ones (with
+  fewer blocks than weights, all of them), and weights whose share is under half a block (attention weights, which
+  hold few blocks) may get none;
 - "systematic": each weight's share is rounded up with probability equal to its fraction (systematic sampling along
   the weights in model order, seeded): every weight gets random blocks' expected count, and the rounded-up weights
   are spaced evenly along the layers; where the spacing between picks is a whole number of layers, they all land on
   one role (the frame is periodic);
 - "systematic_mixed": the same, with each layer's weights in a seeded random order, so picks still spread evenly
   along the layers and the roles vary between them;
-- "spread_remainder": largest remainders, so the weights with the largest fractional shares (on the models measured,
-  the FFN weights) still come first, but the weights tied at the cut share its blocks evenly along the layers
-  (systematic sampling over them in a mixed layer order) instead of going to the first layers.
+- "spread_remainder" (the default since NOTES 56): largest remainders, so the weights with the largest fractional
+  shares (on the models measured, the FFN weights) still come first, but the weights tied at the cut share its
+  blocks evenly along the layers (systematic sampling over them in a mixed layer order) instead of going to the
+  first layers.
 The budget in blocks uses the median block size, so where larger blocks (heads, row groups) are in the quotas the
 element budget drops the lowest-energy quota blocks.
 """
@@ -31,6 +33,7 @@ from .search import BlockTable
 
 ALLOCATIONS = ("search", "proportional")
 QUOTA_ROUNDINGS = ("largest_remainder", "systematic", "systematic_mixed", "spread_remainder")
+DEFAULT_QUOTA_ROUNDING = "spread_remainder"  # NOTES 56: largest remainders alone pile small budgets into early layers
 
 
 def proportional_quotas(table: BlockTable, budget: int, rounding: str = "largest_remainder",

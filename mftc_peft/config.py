@@ -9,7 +9,7 @@ from typing import Optional, Union
 from peft.config import PeftConfig
 
 from . import defaults
-from .allocation import ALLOCATIONS, QUOTA_ROUNDINGS
+from .allocation import ALLOCATIONS, DEFAULT_QUOTA_ROUNDING, QUOTA_ROUNDINGS
 from .blocks import AXIS_CHOICES
 from .checks import check_bool, check_choice, check_int, check_names, check_range, check_regex, is_int, is_real
 from .graph import SIMILARITIES
@@ -163,16 +163,17 @@ class MFTCConfig(PeftConfig):
             "lab showed it losing to random blocks on the LM, benchmarks/results/NOTES.md 26)."
         },
     )
-    quota_rounding: str = field(
-        default="largest_remainder",
+    quota_rounding: Optional[str] = field(
+        default=None,
         metadata={
-            "help": "allocation='proportional' only. How shares under one block are rounded: 'largest_remainder' "
-            "(ties go to the weights seen first, so with fewer blocks than weights all of them land in the first "
-            "layers), 'systematic' (each share rounded up with probability equal to its fraction, seeded by `seed`, "
+            "help": "allocation='proportional' only. How shares under one block are rounded: 'spread_remainder' (the "
+            "default, which None resolves to: largest remainders, with the weights tied at the cut sharing its "
+            "blocks evenly along the layers), 'largest_remainder' (the default before NOTES 56: ties go to the "
+            "weights seen first, so with fewer blocks than weights all of them land in the first layers), "
+            "'systematic' (each share rounded up with probability equal to its fraction, seeded by `seed`, "
             "spaced evenly along the layers: random blocks' expected count per weight; picks a whole number of "
-            "layers apart all land on one role), 'systematic_mixed' (the same with each layer's weights in a "
-            "seeded random order, so the roles vary) or 'spread_remainder' (largest remainders, with the weights tied "
-            "at the cut sharing its blocks evenly along the layers instead of the first layers taking them all)."
+            "layers apart all land on one role) or 'systematic_mixed' (the same with each layer's weights in a "
+            "seeded random order, so the roles vary)."
         },
     )
     probe: str = field(
@@ -246,9 +247,10 @@ class MFTCConfig(PeftConfig):
     @classmethod
     def check_kwargs(cls, **kwargs):
         """PEFT's hook for a config read from a file: one saved before `allocation` existed was warmed up with the
-        module search, so it loads as allocation='search' (its other warm-up fields keep their meaning)."""
+        module search, so it loads as allocation='search', and one saved before `quota_rounding` existed rounded by
+        largest remainders (its other warm-up fields keep their meaning)."""
         kwargs = super().check_kwargs(**kwargs)
-        return {"allocation": "search", **kwargs}
+        return {"allocation": "search", "quota_rounding": "largest_remainder", **kwargs}
 
     def __post_init__(self):
         super().__post_init__()
@@ -283,8 +285,13 @@ class MFTCConfig(PeftConfig):
         check_choice("similarity", self.similarity, SIMILARITIES)
         check_choice("probe", self.probe, PROBES)
         check_choice("allocation", self.allocation, ALLOCATIONS)
-        check_choice("quota_rounding", self.quota_rounding, QUOTA_ROUNDINGS)
-        if self.allocation == "search" and self.quota_rounding != "largest_remainder":
+        if self.quota_rounding is None and self.allocation == "proportional":
+            # resolved here rather than in the field, so a saved adapter records what its warm-up did
+            self.quota_rounding = DEFAULT_QUOTA_ROUNDING
+        if self.quota_rounding is not None:
+            check_choice("quota_rounding", self.quota_rounding, QUOTA_ROUNDINGS)
+        # "largest_remainder" with the search: configs saved while it was the default must still load
+        if self.allocation == "search" and self.quota_rounding not in (None, "largest_remainder"):
             raise ValueError(f"`quota_rounding` only applies to allocation='proportional' (the module search sets no "
                              f"quotas), got quota_rounding={self.quota_rounding!r} with allocation='search'")
         check_choice("block_score", self.block_score, BLOCK_SCORES)

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from .allocation import proportional_selection
+from .allocation import DEFAULT_QUOTA_ROUNDING, proportional_selection
 from .context import WarmupRun
 from .measure import BlockMeasurement, measure
 from .model import mftc_tuner
@@ -101,8 +101,8 @@ def compute_selection(
         # No module search: the weights' sizes fix where the budget goes, energy which blocks (`allocation.py`).
         space = result = gain_model = loss_model = None
         with run.timed("search"):
-            selection = _broadcast(proportional_selection(
-                measurement.table, budget, run.config.quota_rounding, run.seeds["allocation"]))
+            rounding = run.config.quota_rounding or DEFAULT_QUOTA_ROUNDING
+            selection = _broadcast(proportional_selection(measurement.table, budget, rounding, run.seeds["allocation"]))
         if not selection:
             logger.warning("MFTC warm-up: the budget (%s elements) holds no block; the adapter trains none", budget)
     else:

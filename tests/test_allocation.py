@@ -50,7 +50,7 @@ def test_blocks_larger_than_the_median_are_dropped_rather_than_exceed_the_budget
 
 
 def test_warmup_spreads_the_budget_like_the_quotas_and_ranks_by_energy_inside():
-    _, model = warm_model(allocation="proportional")
+    _, model = warm_model(allocation="proportional", quota_rounding="largest_remainder")
     batches = token_batches(6)
     table = mftc_peft.measure_blocks(model, batches).table
     report = mftc_peft.warmup(model, batches, progress=False)
@@ -229,3 +229,16 @@ def test_quota_rounding_is_checked_and_refused_where_no_quotas_are_set():
         MFTCConfig(quota_rounding="even")
     with pytest.raises(ValueError, match=r"quota_rounding.*allocation='search'"):
         MFTCConfig(allocation="search", quota_rounding="systematic")
+
+
+def test_the_default_rounding_is_resolved_at_construction_and_old_files_keep_theirs(tmp_path):
+    assert MFTCConfig().quota_rounding == "spread_remainder"  # resolved, so a saved adapter records what it did
+    assert MFTCConfig(allocation="search").quota_rounding is None
+    MFTCConfig(allocation="proportional", budget=0.01).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    fields = json.loads(path.read_text())
+    del fields["quota_rounding"]  # what an adapter saved before the field existed holds
+    path.write_text(json.dumps(fields))
+    assert MFTCConfig.from_pretrained(tmp_path).quota_rounding == "largest_remainder"
+    # a search config saved while largest remainders were the default still loads
+    assert MFTCConfig(allocation="search", quota_rounding="largest_remainder").allocation == "search"
