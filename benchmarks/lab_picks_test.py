@@ -1,6 +1,6 @@
 """LM test-split runs of the cpu profile at the method lab's picks (validation, 5 seeds; `selection_study.md`), through
 run.py's Runner: MFTC (its default) and LoRA first, then random blocks matched to MFTC's count per seed. Appends to
-`benchmarks/results/cpu.jsonl` (existing runs are reused); then `python benchmarks/report.py`. NOTES 28.
+`benchmarks/results/cpu.jsonl` (existing runs are reused); then `python benchmarks/report.py`. NOTES 28 and 57.
 
     OMP_NUM_THREADS=1 python benchmarks/lab_picks_test.py
 """
@@ -13,7 +13,8 @@ from harness.methods import lora_budget  # noqa: E402
 from harness.profiles import PROFILES  # noqa: E402
 from harness.tasks import make_task  # noqa: E402
 
-PICKS = {"mftc": 1e-2, "lora": 3e-3, "random_blocks": 1e-2}  # selection_study.md, lm (proportional_top = default)
+# selection_study.md, lm: MFTC's default (spread_remainder since NOTES 56; proportional_top before) picked 1e-2 too
+PICKS = {"mftc": 1e-2, "lora": 3e-3, "random_blocks": 1e-2}
 SEEDS = [0, 1, 2]
 args = run.parse_args(["--profile", "cpu", "--workers", "2", "--resume"])
 args.device = "cpu"
