@@ -229,7 +229,11 @@ class MFTCConfig(PeftConfig):
         },
     )
     reselect_fraction: float = field(
-        default=0.25, metadata={"help": "Most of each weight's selected blocks one reselection may swap, in (0, 1]."}
+        default=0.25,
+        metadata={
+            "help": "Most of the selected blocks one reselection may swap, in (0, 1]: the best swaps over all weights, "
+            "at most this share of a weight's blocks and at least one (most weights hold one block or none)."
+        },
     )
     reselect_batches: int = field(
         default=2, metadata={"help": "Batches a reselection measures gradient energies on (extra backward passes)."}

@@ -3,9 +3,12 @@
 The warm-up's selection is a guess from a few batches at the start; what the task needs moves as training goes (the
 paper's time-varying module library B(t); SpIEL drops small updates and regrows by gradient, LISA re-samples
 layers). `reselect_blocks` measures the current per-block gradient energy of every block of the adapted weights on a
-few batches (the warm-up's own hooks), then per weight swaps up to `fraction` of its full-width selected blocks: the
-ones whose applied change is smallest (mean squared delta times its step scale, per element) out, the unselected
-ones with the largest gradient energy per element in, only where the newcomer's energy beats the dropped block's.
+few batches (the warm-up's own hooks), then swaps up to `fraction` of all full-width selected blocks: per weight, the
+ones whose applied change is smallest (mean squared delta times its step scale, per element) are offered for the
+unselected ones with the largest gradient energy per element, only where the newcomer's energy beats the dropped
+block's; over all weights the swaps with the largest energy ratio (newcomer / dropped) are made. A weight offers at
+most `fraction` of its blocks, and at least one: under the proportional allocation most weights hold one block or
+none, and a cap per weight alone would round every swap away.
 Swaps stay inside a weight and between blocks of the same width, so the delta keeps its shape and Parameter object:
 the trainable count never changes, every optimiser stays valid, and the adapter can be saved, loaded or merged at any
 step. The optimiser state of the swapped-in lines starts fresh (zero), the kept lines' state moves with them.
@@ -48,7 +51,7 @@ def reselect_blocks(
     peft_model, batches: Iterable[dict], *, fraction: float, optimizer: Optional[torch.optim.Optimizer] = None,
     compute_loss: Optional[Callable] = None, adapter_name: Optional[str] = None,
 ) -> ReselectReport:
-    """Swap up to `fraction` of each weight's selected blocks (see the module docstring); with `optimizer`, its
+    """Swap up to `fraction` of the selected full-width blocks (see the module docstring); with `optimizer`, its
     per-element state (Adam's moments) follows the kept lines and is zero for the new ones. Returns what changed."""
     if not (is_real(fraction) and 0.0 <= fraction <= 1.0):
         raise ValueError(f"`fraction` must be a number in [0, 1], got {fraction!r}")
@@ -60,16 +63,16 @@ def reselect_blocks(
         raise ValueError("`batches` must hold at least one batch to measure block gradients on")
     start = time.perf_counter()
     energy = _energy_per_element(peft_model, layers, adapter_name, batches, compute_loss)
+    offers = {name: _pairs(layer, adapter_name, energy[name], fraction) for name, layer in layers.items()}
+    n_full = sum(_n_full_blocks(layer, adapter_name) for layer in layers.values())
     swaps = {}
-    for name, layer in layers.items():
-        pairs = _pairs(layer, adapter_name, energy[name], fraction)
-        if not pairs:
-            continue
+    for name, pairs in _best_swaps(offers, int(fraction * n_full)).items():
+        layer = layers[name]
         delta = layer.mftc_delta[adapter_name]
-        source = layer.swap_blocks(adapter_name, [d for d, _ in pairs], [g for _, g in pairs])
+        source = layer.swap_blocks(adapter_name, [d for d, _, _ in pairs], [g for _, g, _ in pairs])
         if optimizer is not None:
             _move_optimizer_state(optimizer, delta, source)
-        swaps[name] = pairs
+        swaps[name] = [(d, g) for d, g, _ in pairs]
     tuner.peft_config[adapter_name].block_selection = tuner.block_selection(adapter_name)
     report = ReselectReport(swaps, time.perf_counter() - start)
     logger.info("MFTC reselection: %d blocks swapped in %.2f s", report.n_swapped, report.seconds)
@@ -93,12 +96,22 @@ def _energy_per_element(peft_model, layers, adapter_name, batches, compute_loss)
     return {name: energy[a:b] for name, a, b in zip(grids, bounds[:-1], bounds[1:])}
 
 
-def _pairs(layer, adapter_name: str, energy: np.ndarray, fraction: float) -> list[tuple[int, int]]:
-    """(dropped, grown) pairs for one weight: weakest deltas out, strongest gradients in, newcomer must beat."""
+def _full_blocks(layer, adapter_name: str) -> list[int]:
     grid = layer.mftc_grid[adapter_name]
     ids = layer.block_ids(adapter_name)
-    full = [b for b, w in zip(ids, grid.widths(ids)) if w == grid.width]
-    n_swap = int(fraction * len(full))
+    return [b for b, w in zip(ids, grid.widths(ids)) if w == grid.width]
+
+
+def _n_full_blocks(layer, adapter_name: str) -> int:
+    return len(_full_blocks(layer, adapter_name))
+
+
+def _pairs(layer, adapter_name: str, energy: np.ndarray, fraction: float) -> list[tuple[int, int, float]]:
+    """(dropped, grown, energy ratio) offers of one weight: weakest deltas out, strongest gradients in, the newcomer
+    must beat; at most `fraction` of the weight's full-width blocks, and at least one."""
+    grid = layer.mftc_grid[adapter_name]
+    ids, full = layer.block_ids(adapter_name), _full_blocks(layer, adapter_name)
+    n_swap = max(1, int(fraction * len(full))) if full and fraction > 0 else 0
     if n_swap == 0:
         return []
     widths = np.array(grid.widths(range(grid.n_blocks)))
@@ -110,7 +123,21 @@ def _pairs(layer, adapter_name: str, energy: np.ndarray, fraction: float) -> lis
     moved = {b: float(lines[starts[b] : starts[b] + grid.width].float().pow(2).mean()) for b in full}
     weakest = sorted(full, key=lambda b: (moved[b], b))[:n_swap]
     strongest = unselected[np.argsort(-energy[unselected], kind="stable")][:n_swap]
-    return [(int(d), int(g)) for d, g in zip(weakest, strongest) if energy[g] > energy[d]]
+    return [(int(d), int(g), _ratio(energy[g], energy[d])) for d, g in zip(weakest, strongest) if energy[g] > energy[d]]
+
+
+def _ratio(grown: float, dropped: float) -> float:
+    return float(grown / dropped) if dropped > 0 else float("inf")
+
+
+def _best_swaps(offers: dict[str, list[tuple[int, int, float]]], limit: int) -> dict[str, list[tuple[int, int, float]]]:
+    """The `limit` offers with the largest energy ratio over all weights (ties: model order), grouped by weight."""
+    ranked = sorted(((-ratio, order, name, (d, g, ratio)) for order, (name, pairs) in enumerate(offers.items())
+                     for d, g, ratio in pairs), key=lambda item: item[:2])
+    chosen: dict[str, list[tuple[int, int, float]]] = {}
+    for _, _, name, pair in ranked[: max(limit, 0)]:
+        chosen.setdefault(name, []).append(pair)
+    return chosen
 
 
 def _move_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, source: torch.Tensor) -> None:

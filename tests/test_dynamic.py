@@ -3,6 +3,7 @@ adapter staying valid (count, save / load) at every step, and the Trainer callba
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
@@ -117,7 +118,8 @@ def test_trainer_reselects_every_k_steps_and_keeps_the_count(tmp_path, monkeypat
     monkeypatch.setattr(trainer_module, "reselect_blocks", spy)
     trainer = make_trainer(tmp_path, max_steps=4, reselect_every=2, reselect_fraction=0.5, reselect_batches=3)
     trainer.train()
-    assert [(step, n, fraction) for step, n, fraction, _ in calls] == [(2, 3, 0.5), (4, 3, 0.5)]
+    # steps 2 and 4 are due; 4 is the last, where a swap would only discard trained blocks
+    assert [(step, n, fraction) for step, n, fraction, _ in calls] == [(2, 3, 0.5)]
     assert all(optimizer is trainer.optimizer for *_, optimizer in calls)
     warm = trainer.warmup_report.selection
     assert sum(map(len, trainer.model.base_model.block_selection().values())) == sum(map(len, warm.values()))
@@ -148,3 +150,23 @@ def test_reselection_judges_a_block_by_the_change_it_applied_not_its_raw_delta(m
         delta[:width], delta[width:] = 1.0, 0.1  # raw: block 0 largest; applied: block 0 = 0.01, blocks 1-2 = 0.1
     report = mftc_peft.reselect_blocks(model, token_batches(2), fraction=0.4)
     assert report.swaps[QUERY] == [(0, 3)]
+
+
+def test_reselection_swaps_where_weights_hold_one_block_each_and_keeps_the_total_fraction(monkeypatch):
+    """The proportional allocation gives most weights one block or none; a cap of `fraction` per weight alone would
+    round every swap to zero. The cap is over all selected blocks, the best energy ratios first."""
+    key, value = QUERY.replace("query", "key"), QUERY.replace("query", "value")
+
+    def energies(peft_model, layers, *args):  # selected block 0 everywhere at 1; block 1 beats it by these ratios
+        ratios = {QUERY: 100.0, UP: 50.0, key: 2.0, value: 0.5}
+        return {name: np.array([1.0, ratios.get(name, 0.0), *[0.0] * (layer.mftc_grid["default"].n_blocks - 2)])
+                for name, layer in layers.items()}
+
+    monkeypatch.setattr(mftc_peft.dynamic, "_energy_per_element", energies)
+    _, model = _model({QUERY: [0], UP: [0], key: [0], value: [0]}, init_weights=False)
+    count = model.base_model.selected_numel()
+    report = mftc_peft.reselect_blocks(model, token_batches(1), fraction=0.5)
+    assert report.swaps == {QUERY: [(0, 1)], UP: [(0, 1)]}  # 0.5 x 4 blocks: the two largest ratios; value's loses
+    assert model.base_model.block_selection() == {QUERY: [1], UP: [1], key: [0], value: [0]}
+    assert model.base_model.selected_numel() == count
+    assert mftc_peft.reselect_blocks(model, token_batches(1), fraction=0.2).n_swapped == 0  # 0.2 x 4 < 1
