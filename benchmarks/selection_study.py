@@ -68,10 +68,10 @@ VARIANTS = {
     "systematic_mixed": ("mftc", {"allocation": "proportional", "quota_rounding": "systematic_mixed"}),
     # Largest remainders (FFN weights first, as the default) with the tied weights spread along the layers (NOTES 55)
     "spread_remainder": ("mftc", {"allocation": "proportional", "quota_rounding": "spread_remainder"}),
-    # The default with every weight cut into row groups: attention-out and FFN-down blocks touch every input feature
     # Dynamic selection on the default (NOTES 58): every 8 steps swap up to a quarter of the blocks, over all weights
     "reselect_8": ("mftc", {"allocation": "proportional", "quota_rounding": "spread_remainder", "reselect_every": 8,
                             "reselect_fraction": 0.25}),
+    # The default with every weight cut into row groups: attention-out and FFN-down blocks touch every input feature
     "rows_out": ("mftc", {"allocation": "proportional", "quota_rounding": "largest_remainder", "block_axis": "out"}),
     "middle_band": ("middle_band", {}),
 }
@@ -130,10 +130,7 @@ LONG_BLOCKS = (1e-3, 2e-3, 5e-3, 1e-2)
 # random blocks, whose spread it shares).
 PROFILE_BRACKETS = {"lab_long": {"search": LONG_BLOCKS, "random_blocks": LONG_BLOCKS, "lora": (5e-4, 1e-3, 2e-3),
                                  "proportional": (1e-3, 2e-3, 5e-3), "systematic": (1e-3, 2e-3, 5e-3),
-                                 # Dynamic selection on the default (NOTES 58): every 8 steps swap up to a quarter of the blocks, over all weights
-    "reselect_8": ("mftc", {"allocation": "proportional", "quota_rounding": "spread_remainder", "reselect_every": 8,
-                            "reselect_fraction": 0.25}),
-    "rows_out": (1e-3, 2e-3, 5e-3)}}
+                                 "reselect_8": (1e-3, 2e-3, 5e-3), "rows_out": (1e-3, 2e-3, 5e-3)}}
 
 
 def bracket(args, name: str) -> tuple[float, ...]:

@@ -225,14 +225,14 @@ class MFTCConfig(PeftConfig):
         metadata={
             "help": "Every this many training steps, swap the weakest selected blocks (smallest delta) for unselected "
             "ones with larger current gradient energy, inside each weight (`dynamic.py`); 0: off. `MFTCTrainer` "
-            "does it through a callback; a custom loop calls `mftc_peft.reselect_blocks`."
+            "does it through a callback (never after the last step); a custom loop calls `mftc_peft.reselect_blocks`."
         },
     )
     reselect_fraction: float = field(
         default=0.25,
         metadata={
-            "help": "Most of the selected blocks one reselection may swap, in (0, 1]: the best swaps over all weights, "
-            "at most this share of a weight's blocks and at least one (most weights hold one block or none)."
+            "help": "In (0, 1]: one reselection makes at most this share of the full-width selected blocks' swaps, "
+            "over all weights, best energy ratios first; each weight offers max(1, this share of its blocks)."
         },
     )
     reselect_batches: int = field(

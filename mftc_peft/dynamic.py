@@ -106,9 +106,9 @@ def _n_full_blocks(layer, adapter_name: str) -> int:
     return len(_full_blocks(layer, adapter_name))
 
 
-def _pairs(layer, adapter_name: str, energy: np.ndarray, fraction: float) -> list[tuple[int, int, float]]:
-    """(dropped, grown, energy ratio) offers of one weight: weakest deltas out, strongest gradients in, the newcomer
-    must beat; at most `fraction` of the weight's full-width blocks, and at least one."""
+def _pairs(layer, adapter_name: str, energy: np.ndarray, fraction: float) -> list[tuple]:
+    """(dropped, grown, (grown's energy, dropped's energy)) offers of one weight: weakest deltas out, strongest
+    gradients in, the newcomer must beat; at most `fraction` of the weight's full-width blocks, and at least one."""
     grid = layer.mftc_grid[adapter_name]
     ids, full = layer.block_ids(adapter_name), _full_blocks(layer, adapter_name)
     n_swap = max(1, int(fraction * len(full))) if full and fraction > 0 else 0
@@ -123,19 +123,23 @@ def _pairs(layer, adapter_name: str, energy: np.ndarray, fraction: float) -> lis
     moved = {b: float(lines[starts[b] : starts[b] + grid.width].float().pow(2).mean()) for b in full}
     weakest = sorted(full, key=lambda b: (moved[b], b))[:n_swap]
     strongest = unselected[np.argsort(-energy[unselected], kind="stable")][:n_swap]
-    return [(int(d), int(g), _ratio(energy[g], energy[d])) for d, g in zip(weakest, strongest) if energy[g] > energy[d]]
+    return [(int(d), int(g), (float(energy[g]), float(energy[d]))) for d, g in zip(weakest, strongest)
+            if energy[g] > energy[d]]
 
 
-def _ratio(grown: float, dropped: float) -> float:
-    return float(grown / dropped) if dropped > 0 else float("inf")
+def _priority(grown: float, dropped: float) -> tuple[float, float]:
+    """Sort key, smallest first: the largest energy ratio, then (a dropped block without gradient makes every ratio
+    infinite) the strongest newcomer."""
+    return (-(grown / dropped) if dropped > 0 else -float("inf"), -grown)
 
 
-def _best_swaps(offers: dict[str, list[tuple[int, int, float]]], limit: int) -> dict[str, list[tuple[int, int, float]]]:
+def _best_swaps(offers: dict[str, list[tuple]], limit: int) -> dict[str, list[tuple]]:
     """The `limit` offers with the largest energy ratio over all weights (ties: model order), grouped by weight."""
-    ranked = sorted(((-ratio, order, name, (d, g, ratio)) for order, (name, pairs) in enumerate(offers.items())
-                     for d, g, ratio in pairs), key=lambda item: item[:2])
-    chosen: dict[str, list[tuple[int, int, float]]] = {}
-    for _, _, name, pair in ranked[: max(limit, 0)]:
+    ranked = sorted(((*_priority(*energies), order, name, (d, g, energies))
+                     for order, (name, pairs) in enumerate(offers.items()) for d, g, energies in pairs),
+                    key=lambda item: item[:3])
+    chosen: dict[str, list[tuple]] = {}
+    for *_, name, pair in ranked[: max(limit, 0)]:
         chosen.setdefault(name, []).append(pair)
     return chosen
 

@@ -154,19 +154,27 @@ def test_reselection_judges_a_block_by_the_change_it_applied_not_its_raw_delta(m
 
 def test_reselection_swaps_where_weights_hold_one_block_each_and_keeps_the_total_fraction(monkeypatch):
     """The proportional allocation gives most weights one block or none; a cap of `fraction` per weight alone would
-    round every swap to zero. The cap is over all selected blocks, the best energy ratios first."""
+    round every swap to zero. The cap is over all selected blocks, the largest energy ratios first."""
     key, value = QUERY.replace("query", "key"), QUERY.replace("query", "value")
+    # (selected block 0, free block 1): ratios 100, 20, 50 and 0.5; by the newcomer alone UP and the query would win
+    energy_of = {QUERY: (1.0, 100.0), UP: (10.0, 200.0), key: (0.1, 5.0), value: (1.0, 0.5)}
 
-    def energies(peft_model, layers, *args):  # selected block 0 everywhere at 1; block 1 beats it by these ratios
-        ratios = {QUERY: 100.0, UP: 50.0, key: 2.0, value: 0.5}
-        return {name: np.array([1.0, ratios.get(name, 0.0), *[0.0] * (layer.mftc_grid["default"].n_blocks - 2)])
+    def energies(peft_model, layers, *args):
+        return {name: np.array([*energy_of.get(name, (0.0, 0.0)), *[0.0] * (layer.mftc_grid["default"].n_blocks - 2)])
                 for name, layer in layers.items()}
 
     monkeypatch.setattr(mftc_peft.dynamic, "_energy_per_element", energies)
     _, model = _model({QUERY: [0], UP: [0], key: [0], value: [0]}, init_weights=False)
     count = model.base_model.selected_numel()
     report = mftc_peft.reselect_blocks(model, token_batches(1), fraction=0.5)
-    assert report.swaps == {QUERY: [(0, 1)], UP: [(0, 1)]}  # 0.5 x 4 blocks: the two largest ratios; value's loses
-    assert model.base_model.block_selection() == {QUERY: [1], UP: [1], key: [0], value: [0]}
+    assert report.swaps == {QUERY: [(0, 1)], key: [(0, 1)]}  # 0.5 x 4 blocks: the two largest ratios
+    assert model.base_model.block_selection() == {QUERY: [1], UP: [0], key: [1], value: [0]}
     assert model.base_model.selected_numel() == count
     assert mftc_peft.reselect_blocks(model, token_batches(1), fraction=0.2).n_swapped == 0  # 0.2 x 4 < 1
+
+
+def test_reselection_ranks_swaps_from_gradient_free_blocks_by_the_newcomer():
+    """A dropped block without gradient makes every ratio infinite; the stronger newcomer goes first, not model order."""
+    offers = {"first": [(0, 1, (2.0, 0.0))], "second": [(0, 3, (9.0, 0.0))], "third": [(0, 2, (50.0, 1.0))]}
+    assert mftc_peft.dynamic._best_swaps(offers, 1) == {"second": [(0, 3, (9.0, 0.0))]}
+    assert set(mftc_peft.dynamic._best_swaps(offers, 2)) == {"first", "second"}  # both infinite ratios before 50
