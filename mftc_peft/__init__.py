@@ -20,7 +20,8 @@ __version__ = "0.1.0"
 # Public name -> the submodule that defines it.
 _EXPORTS = {
     "BlockGrid": "blocks", "make_grid": "blocks", "MFTCConfig": "config", "DynamicSpectralClustering": "dsca",
-    "ReselectReport": "dynamic", "reselect_blocks": "dynamic", "MFTCLayer": "layer", "BlockMeasurement": "measure",
+    "ReselectReport": "dynamic", "reselect_blocks": "dynamic", "reselection_due": "dynamic", "MFTCLayer": "layer",
+    "BlockMeasurement": "measure",
     "measure_blocks": "measure", "MFTCModel": "model", "WarmupReport": "report", "SpectralCoordinator": "spectral",
     "compute_selection": "warmup", "warmup": "warmup",
 }

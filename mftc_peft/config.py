@@ -225,7 +225,8 @@ class MFTCConfig(PeftConfig):
         metadata={
             "help": "Every this many training steps, swap the weakest selected blocks (smallest delta) for unselected "
             "ones with larger current gradient energy, inside each weight (`dynamic.py`); 0: off. `MFTCTrainer` "
-            "does it through a callback (never after the last step); a custom loop calls `mftc_peft.reselect_blocks`."
+            "does it through a callback (never after the last step); a custom loop calls `mftc_peft.reselect_blocks` "
+            "when `mftc_peft.reselection_due` says so."
         },
     )
     reselect_fraction: float = field(

@@ -47,6 +47,12 @@ class ReselectReport:
         return sum(map(len, self.swaps.values()))
 
 
+def reselection_due(completed_steps: int, every: int, max_steps: int) -> bool:
+    """Whether a loop reselects after `completed_steps` of `max_steps`: every `every` steps (0: never), but not after
+    the last one, where the dropped blocks' training would be lost and the new ones never trained."""
+    return bool(every) and completed_steps % every == 0 and completed_steps < max_steps
+
+
 def reselect_blocks(
     peft_model, batches: Iterable[dict], *, fraction: float, optimizer: Optional[torch.optim.Optimizer] = None,
     compute_loss: Optional[Callable] = None, adapter_name: Optional[str] = None,
@@ -64,7 +70,7 @@ def reselect_blocks(
     start = time.perf_counter()
     energy = _energy_per_element(peft_model, layers, adapter_name, batches, compute_loss)
     offers = {name: _pairs(layer, adapter_name, energy[name], fraction) for name, layer in layers.items()}
-    n_full = sum(_n_full_blocks(layer, adapter_name) for layer in layers.values())
+    n_full = sum(len(_full_blocks(layer, adapter_name)) for layer in layers.values())
     swaps = {}
     for name, pairs in _best_swaps(offers, int(fraction * n_full)).items():
         layer = layers[name]
@@ -102,10 +108,6 @@ def _full_blocks(layer, adapter_name: str) -> list[int]:
     return [b for b, w in zip(ids, grid.widths(ids)) if w == grid.width]
 
 
-def _n_full_blocks(layer, adapter_name: str) -> int:
-    return len(_full_blocks(layer, adapter_name))
-
-
 def _pairs(layer, adapter_name: str, energy: np.ndarray, fraction: float) -> list[tuple]:
     """(dropped, grown, (grown's energy, dropped's energy)) offers of one weight: weakest deltas out, strongest
     gradients in, the newcomer must beat; at most `fraction` of the weight's full-width blocks, and at least one."""
@@ -134,7 +136,7 @@ def _priority(grown: float, dropped: float) -> tuple[float, float]:
 
 
 def _best_swaps(offers: dict[str, list[tuple]], limit: int) -> dict[str, list[tuple]]:
-    """The `limit` offers with the largest energy ratio over all weights (ties: model order), grouped by weight."""
+    """The `limit` offers ranked by `_priority` over all weights (then model order), grouped by weight."""
     ranked = sorted(((*_priority(*energies), order, name, (d, g, energies))
                      for order, (name, pairs) in enumerate(offers.items()) for d, g, energies in pairs),
                     key=lambda item: item[:3])

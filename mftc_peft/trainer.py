@@ -19,7 +19,7 @@ import os
 
 from transformers import Trainer, TrainerCallback
 
-from .dynamic import reselect_blocks
+from .dynamic import reselect_blocks, reselection_due
 from .model import mftc_tuner
 from .spectral import SpectralCoordinator
 from .warmup import warmup
@@ -73,9 +73,7 @@ class _Reselect(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         tuner = mftc_tuner(self.trainer.model)
         config = tuner.peft_config[tuner.active_adapters[0]]
-        # not after the last step: the dropped blocks' training would be lost and the new ones never trained
-        due = config.reselect_every and state.global_step % config.reselect_every == 0
-        if due and state.global_step < state.max_steps:
+        if reselection_due(state.global_step, config.reselect_every, state.max_steps):
             batches = [self.trainer._prepare_inputs(batch)
                        for batch in itertools.islice(self.trainer.get_train_dataloader(), config.reselect_batches)]
             reselect_blocks(self.trainer.model, batches, fraction=config.reselect_fraction,

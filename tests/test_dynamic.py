@@ -174,7 +174,15 @@ def test_reselection_swaps_where_weights_hold_one_block_each_and_keeps_the_total
 
 
 def test_reselection_ranks_swaps_from_gradient_free_blocks_by_the_newcomer():
-    """A dropped block without gradient makes every ratio infinite; the stronger newcomer goes first, not model order."""
+    """A dropped block without gradient makes every ratio infinite: the stronger newcomer goes first, not model
+    order."""
     offers = {"first": [(0, 1, (2.0, 0.0))], "second": [(0, 3, (9.0, 0.0))], "third": [(0, 2, (50.0, 1.0))]}
     assert mftc_peft.dynamic._best_swaps(offers, 1) == {"second": [(0, 3, (9.0, 0.0))]}
     assert set(mftc_peft.dynamic._best_swaps(offers, 2)) == {"first", "second"}  # both infinite ratios before 50
+
+
+@pytest.mark.parametrize("completed, every, total, due", [
+    (8, 8, 40, True), (16, 8, 40, True), (9, 8, 40, False), (40, 8, 40, False), (8, 0, 40, False),
+])
+def test_reselection_is_due_every_k_steps_but_not_after_the_last(completed, every, total, due):
+    assert mftc_peft.reselection_due(completed, every, total) is due

@@ -203,7 +203,7 @@ def _reselection(peft_model, ctx) -> tuple[TrainHooks, dict]:
     holder, totals, stream = {}, {"reselect_swaps": 0, "reselect_seconds": 0.0}, ctx.warmup_batches()
 
     def after_step(step: int) -> None:
-        if (step + 1) % config.reselect_every == 0 and step + 1 < ctx.steps:  # a swap at the end only discards
+        if mftc_peft.reselection_due(step + 1, config.reselect_every, ctx.steps):
             batches = [next(stream) for _ in range(config.reselect_batches)]
             done = mftc_peft.reselect_blocks(peft_model, [{k: v.to(ctx.device) for k, v in b.items()} for b in batches],
                                              fraction=config.reselect_fraction, optimizer=holder["optimizer"])
