@@ -74,6 +74,10 @@ VARIANTS = {
     # The default with every weight cut into row groups: attention-out and FFN-down blocks touch every input feature
     "rows_out": ("mftc", {"allocation": "proportional", "quota_rounding": "largest_remainder", "block_axis": "out"}),
     "middle_band": ("middle_band", {}),
+    # The default with finer FFN groups (heads stay whole): the same count spread over 2x / 4x as many neurons,
+    # towards SHiRA's scattered elements, which beat 32-wide blocks on the LM (NOTES 61)
+    "block_16": ("mftc", {"allocation": "proportional", "quota_rounding": "spread_remainder", "block_size": 16}),
+    "block_8": ("mftc", {"allocation": "proportional", "quota_rounding": "spread_remainder", "block_size": 8}),
 }
 # Learning-rate brackets (classification): block selections peaked at 5e-3 in the cpu profile, LoRA at 2e-3 (it
 # diverged at 5e-3). `--lr` replaces them for every variant.
@@ -86,7 +90,8 @@ BRACKETS = {"cls": {"lora": (1e-3, 2e-3, 4e-3), "energy_steps": (2e-3, 5e-3, 1e-
                     "search": (2e-3, 5e-3, 1e-2, 2e-2)},
             "lm": {"random_blocks": (3e-3, 1e-2, 3e-2), "energy_steps": (3e-3, 1e-2, 3e-2),
                    "proportional_top": (3e-3, 1e-2, 3e-2), "proportional": (3e-3, 1e-2, 3e-2),
-                   "systematic": (3e-3, 1e-2, 3e-2), "rows_out": (3e-3, 1e-2, 3e-2)}}
+                   "systematic": (3e-3, 1e-2, 3e-2), "rows_out": (3e-3, 1e-2, 3e-2),
+                   "block_16": (3e-3, 1e-2, 3e-2), "block_8": (3e-3, 1e-2, 3e-2)}}
 DEFAULT_BRACKET = {"cls": (2e-3, 5e-3, 1e-2), "lm": (1e-3, 3e-3, 1e-2)}
 REFERENCES = ("random_blocks", "lora")
 METRIC = {"cls": ("val_accuracy", True), "lm": ("val_perplexity", False)}
@@ -130,7 +135,8 @@ LONG_BLOCKS = (1e-3, 2e-3, 5e-3, 1e-2)
 # random blocks, whose spread it shares).
 PROFILE_BRACKETS = {"lab_long": {"search": LONG_BLOCKS, "random_blocks": LONG_BLOCKS, "lora": (5e-4, 1e-3, 2e-3),
                                  "proportional": (1e-3, 2e-3, 5e-3), "systematic": (1e-3, 2e-3, 5e-3),
-                                 "reselect_8": (1e-3, 2e-3, 5e-3), "rows_out": (1e-3, 2e-3, 5e-3)}}
+                                 "reselect_8": (1e-3, 2e-3, 5e-3), "rows_out": (1e-3, 2e-3, 5e-3),
+                                 "block_16": (1e-3, 2e-3, 5e-3), "block_8": (1e-3, 2e-3, 5e-3)}}
 
 
 def bracket(args, name: str) -> tuple[float, ...]:
