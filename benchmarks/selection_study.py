@@ -78,6 +78,8 @@ VARIANTS = {
     # towards SHiRA's scattered elements, which beat 32-wide blocks on the LM (NOTES 61)
     "block_16": ("mftc", {"allocation": "proportional", "quota_rounding": "spread_remainder", "block_size": 16}),
     "block_8": ("mftc", {"allocation": "proportional", "quota_rounding": "spread_remainder", "block_size": 8}),
+    # Uniformly random blocks on block_8's grid: does the energy ranking still beat chance at that width?
+    "random_blocks_8": ("random_blocks", {"block_size": 8}),
 }
 # Learning-rate brackets (classification): block selections peaked at 5e-3 in the cpu profile, LoRA at 2e-3 (it
 # diverged at 5e-3). `--lr` replaces them for every variant.
@@ -91,7 +93,8 @@ BRACKETS = {"cls": {"lora": (1e-3, 2e-3, 4e-3), "energy_steps": (2e-3, 5e-3, 1e-
             "lm": {"random_blocks": (3e-3, 1e-2, 3e-2), "energy_steps": (3e-3, 1e-2, 3e-2),
                    "proportional_top": (3e-3, 1e-2, 3e-2), "proportional": (3e-3, 1e-2, 3e-2),
                    "systematic": (3e-3, 1e-2, 3e-2), "rows_out": (3e-3, 1e-2, 3e-2),
-                   "block_16": (3e-3, 1e-2, 3e-2), "block_8": (3e-3, 1e-2, 3e-2)}}
+                   "block_16": (3e-3, 1e-2, 3e-2), "block_8": (3e-3, 1e-2, 3e-2),
+                   "random_blocks_8": (3e-3, 1e-2, 3e-2)}}
 DEFAULT_BRACKET = {"cls": (2e-3, 5e-3, 1e-2), "lm": (1e-3, 3e-3, 1e-2)}
 REFERENCES = ("random_blocks", "lora")
 METRIC = {"cls": ("val_accuracy", True), "lm": ("val_perplexity", False)}
