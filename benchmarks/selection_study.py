@@ -151,11 +151,21 @@ def bracket(args, name: str) -> tuple[float, ...]:
     return DEFAULT_BRACKET[args.task]
 
 
+# Every lab record before NOTES 62 ran on 32-wide FFN groups, the default then; a variant that does not name its
+# width keeps that one, so that its name keeps meaning what its records measured whatever the default becomes.
+LAB_BLOCK_SIZE = 32
+
+
+def lab_config(name: str) -> dict:
+    method, overrides = VARIANTS[name]
+    return overrides if method == "lora" else {"block_size": LAB_BLOCK_SIZE} | overrides
+
+
 def specs(args, lora_budget: int) -> list[dict]:
     base = {"profile": args.profile, "task": args.task, "device": "cpu", "phase": "sweep", "lr_swept": False,
             "lora_budget": lora_budget, "match_budget": lora_budget, "budget_source": "lora",
             "budget_multiple": args.budget_multiple, "lora_rank": rank_for(args.budget_multiple)}
-    return [base | {"variant": name, "method": VARIANTS[name][0], "mftc_config": VARIANTS[name][1], "seed": seed,
+    return [base | {"variant": name, "method": VARIANTS[name][0], "mftc_config": lab_config(name), "seed": seed,
                     "lr": lr}
             for seed in range(args.seeds) for name in args.variants.split(",") for lr in bracket(args, name)]
 

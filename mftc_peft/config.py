@@ -53,8 +53,11 @@ class MFTCConfig(PeftConfig):
         metadata={"help": "Modules trained in full and saved with the adapter, e.g. a new classification head."},
     )
     block_size: int = field(
-        default=32,
-        metadata={"help": "Width of a block (rows or columns) for weights not cut per attention head (16-32 typical)."},
+        default=8,
+        metadata={
+            "help": "Width of a block (rows or columns) for weights not cut per attention head. 8 (the default since "
+            "benchmarks/results/NOTES.md 62; 32 before) spreads the budget over 4x as many FFN units."
+        },
     )
     head_blocks: bool = field(
         default=True,

@@ -91,3 +91,14 @@ def test_grid_rejects_bad_ids():
         grid.check_ids([1, 1])
     with pytest.raises(ValueError, match="`axis` must be one of"):
         BlockGrid(axis="rows", in_features=4, out_features=4, width=2)
+
+
+def test_the_default_cuts_ffn_weights_into_8_unit_groups_and_attention_per_head():
+    """The default width (NOTES 62): 8-row/column FFN groups, heads whole (the Llama case: 4 heads of 16 features)."""
+    model = get_peft_model(CASES_BY_NAME["llama_gqa"].model(), MFTCConfig(task_type="CAUSAL_LM"))
+    grids = model.base_model.block_grids()
+    widths = {name.rsplit(".", 1)[-1]: (grid.axis, grid.width, grid.n_blocks) for name, grid in grids.items()}
+    assert widths["gate_proj"] == ("out", 8, 10)  # intermediate 80 = 10 groups of 8 neurons
+    assert widths["down_proj"] == ("in", 8, 10)
+    assert widths["q_proj"] == ("out", 16, 4)
+    assert widths["k_proj"] == ("out", 16, 2)

@@ -83,6 +83,7 @@ CASES = [
         _bert,
         {
             "task_type": "SEQ_CLS",
+            "block_size": 32,  # the default before NOTES 62; the ids below (narrow last blocks) are on this grid
             "block_selection": {
                 "layer.0.attention.self.query": [1, 3],
                 "layer.0.attention.self.value": [0],
@@ -98,6 +99,7 @@ CASES = [
         _gpt2,
         {
             "task_type": "CAUSAL_LM",
+            "block_size": 32,  # the default before NOTES 62; the ids below (narrow last blocks) are on this grid
             "block_selection": {
                 "h.0.attn.c_attn": [0, 5, 11],  # q head 0, k head 1, v head 3 of the fused projection
                 "h.1.attn.c_proj": [2],
@@ -112,6 +114,7 @@ CASES = [
         _llama,
         {
             "task_type": "CAUSAL_LM",
+            "block_size": 32,  # the default before NOTES 62; the ids below (narrow last blocks) are on this grid
             "block_selection": {
                 "layers.0.self_attn.q_proj": [3],
                 "layers.0.self_attn.k_proj": [1],  # 2 key/value heads only
