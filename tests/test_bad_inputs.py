@@ -154,7 +154,7 @@ def test_other_base_model_is_refused(tmp_path):
     selection = {"layer.0.intermediate.dense": [1], "layer.0.output.dense": [0]}
     get_peft_model(_bert(64), MFTCConfig(task_type="SEQ_CLS", block_selection=selection)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"intermediate.dense.mftc_geometry.default was saved for a 64 x 64 weight "
-                                         r"cut into blocks of 32 along 'out', but .*layer.0.intermediate.dense is a "
+                                         r"cut into blocks of 8 along 'out', but .*layer.0.intermediate.dense is a "
                                          r"96 x 64 weight .*base model whose shapes differ"):
         PeftModel.from_pretrained(_bert(96), tmp_path)
 

@@ -76,7 +76,7 @@ def test_bitsandbytes_layers_are_refused(layer, weight, quantize):
 def test_bad_block_selection(selection, message):
     model = bert()
     with pytest.raises(ValueError, match=message):
-        get_peft_model(model, MFTCConfig(block_selection=selection))
+        get_peft_model(model, MFTCConfig(block_selection=selection, block_size=32))  # the ids' grid: 96 = 3 x 32
     assert_untouched(model)
 
 

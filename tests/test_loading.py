@@ -97,7 +97,7 @@ def test_reduced_precision_base(dtype):
 
 def test_set_block_selection_records_it_in_the_config(tmp_path):
     case = CASES_BY_NAME["bert"]
-    model = get_peft_model(case.model(), MFTCConfig(task_type="SEQ_CLS"))
+    model = get_peft_model(case.model(), MFTCConfig(task_type="SEQ_CLS", block_size=32))
     assert model.base_model.selected_numel() == 0
     selection = {"bert.encoder.layer.1.attention.self.key": [3, 0], "bert.encoder.layer.0.output.dense": [1]}
     model.base_model.set_block_selection(selection)

@@ -121,8 +121,8 @@ def test_same_seed_same_selection_and_seed_matters_through_the_config():
     assert not np.allclose(sketches[3], sketches[4], rtol=1e-3, atol=0)
 
     # DSCA's k-means and eigensolver (energy signatures use no sketch): the modules follow the seed
-    def partition(seed):
-        return {frozenset(module) for module in measurement(seed, signature_kind="energy").library}
+    def partition(seed):  # on 32-wide groups: the tiny model's finer grid separates into the same modules each time
+        return {frozenset(module) for module in measurement(seed, signature_kind="energy", block_size=32).library}
 
     assert partition(3) == partition(3)
     assert len({frozenset(partition(seed)) for seed in (3, 4, 5)}) > 1
