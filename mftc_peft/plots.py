@@ -117,7 +117,7 @@ def _module_map(plt, report, layers):
     ax.set_xticks([x for x, _ in starts], [name for _, name in starts], rotation=45, ha="left", fontsize=8)
     ax.set_xticks(range(max(xs) + 1), minor=True)
     ax.set_yticks(sorted(set(ys)))
-    width = getattr(report, "config", {}).get("block_size", "block_size")
+    width = report.config.get("block_size", "block_size")  # a report saved before the field existed has none
     ax.set(xlabel=f"block: from each tick, head 0, 1, ... of q/k/v/o, or {width}-unit group 0, 1, ... of the FFN",
            ylabel="layer", title="Module map: colour = DSCA module, circle = selected block")
     ax.invert_yaxis()

@@ -44,9 +44,10 @@ def test_module_map_has_weight_ticks_and_a_module_legend_outside_the_axes():
     plt = plots._pyplot()
     nodes, layers = minilm_like_nodes(2)
     report = SimpleNamespace(nodes=[list(n) for n in nodes], labels=[i % 3 for i in range(len(nodes))],
-                             selected_blocks=[{"module": nodes[0][0], "block": 0}])
+                             selected_blocks=[{"module": nodes[0][0], "block": 0}], config={"block_size": 16})
     fig = plots._module_map(plt, report, layers)
     ax = fig.axes[0]
+    assert "16-unit group" in ax.get_xlabel()
     assert [t.get_text() for t in ax.get_xticklabels()] == ["q", "k", "v", "o", "FFN in", "FFN out"]
     legend = ax.get_legend()
     assert [t.get_text() for t in legend.get_texts()] == ["module 0", "module 1", "module 2", "selected"]

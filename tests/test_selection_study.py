@@ -73,8 +73,8 @@ def test_study_runs_variants_on_the_validation_split(tmp_path):
     for r in records:
         assert r["status"] == "ok", r.get("reason")
         assert r["eval_split"] == "val" and r["val_accuracy"] is not None
-    assert {r["variant"]: r["mftc_config"] for r in records}["node_share_1"] == {"block_size": 32, "allocation": "search",
-                                                                         "max_node_share": 1.0}
+    configs = {r["variant"]: r["mftc_config"] for r in records}
+    assert configs["node_share_1"] == {"block_size": 32, "allocation": "search", "max_node_share": 1.0}
     assert "| node_share_1 |" in (tmp_path / "selection_study.md").read_text()
 
 

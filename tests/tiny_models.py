@@ -83,7 +83,7 @@ CASES = [
         _bert,
         {
             "task_type": "SEQ_CLS",
-            "block_size": 32,  # the default before NOTES 62; the ids below (narrow last blocks) are on this grid
+            "block_size": 32,  # the default before NOTES 62; the ids below are on this grid
             "block_selection": {
                 "layer.0.attention.self.query": [1, 3],
                 "layer.0.attention.self.value": [0],
