@@ -80,6 +80,9 @@ VARIANTS = {
     "block_8": ("mftc", {"allocation": "proportional", "quota_rounding": "spread_remainder", "block_size": 8}),
     # Half the default's width (NOTES 67): does the trend of 32 -> 16 -> 8 go on, or turn?
     "block_4": ("mftc", {"allocation": "proportional", "quota_rounding": "spread_remainder", "block_size": 4}),
+    # The default with attention projections cut into 8-wide groups too, instead of whole heads (NOTES 69)
+    "fine_attention": ("mftc", {"allocation": "proportional", "quota_rounding": "spread_remainder", "block_size": 8,
+                                "head_blocks": False}),
     # Uniformly random blocks on block_8's grid: does the energy ranking still beat chance at that width?
     "random_blocks_8": ("random_blocks", {"block_size": 8}),
 }
@@ -96,7 +99,8 @@ BRACKETS = {"cls": {"lora": (1e-3, 2e-3, 4e-3), "energy_steps": (2e-3, 5e-3, 1e-
                    "proportional_top": (3e-3, 1e-2, 3e-2), "proportional": (3e-3, 1e-2, 3e-2),
                    "systematic": (3e-3, 1e-2, 3e-2), "rows_out": (3e-3, 1e-2, 3e-2),
                    "block_16": (3e-3, 1e-2, 3e-2), "block_8": (3e-3, 1e-2, 3e-2),
-                   "random_blocks_8": (3e-3, 1e-2, 3e-2), "block_4": (2e-3, 3e-3, 5e-3)}}
+                   "random_blocks_8": (3e-3, 1e-2, 3e-2), "block_4": (2e-3, 3e-3, 5e-3),
+                   "fine_attention": (3e-3, 5e-3, 1e-2)}}
 DEFAULT_BRACKET = {"cls": (2e-3, 5e-3, 1e-2), "lm": (1e-3, 3e-3, 1e-2)}
 REFERENCES = ("random_blocks", "lora")
 METRIC = {"cls": ("val_accuracy", True), "lm": ("val_perplexity", False)}
@@ -142,7 +146,7 @@ PROFILE_BRACKETS = {"lab_long": {"search": LONG_BLOCKS, "random_blocks": LONG_BL
                                  "proportional": (1e-3, 2e-3, 5e-3), "systematic": (1e-3, 2e-3, 5e-3),
                                  "reselect_8": (1e-3, 2e-3, 5e-3), "rows_out": (1e-3, 2e-3, 5e-3),
                                  "block_16": (1e-3, 2e-3, 5e-3), "block_8": (1e-3, 2e-3, 5e-3),
-                                 "block_4": (1e-3, 2e-3, 5e-3)}}
+                                 "block_4": (1e-3, 2e-3, 5e-3), "fine_attention": (1e-3, 2e-3, 5e-3)}}
 
 
 def bracket(args, name: str) -> tuple[float, ...]:
