@@ -7,7 +7,9 @@ their arguments; the private `_` twins trust them.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 
 import numpy as np
 import scipy.sparse as sp
@@ -68,11 +70,26 @@ def _knn_graph(points, n_neighbors, method, random_state):
         return indices.astype(np.int64), distances
     from pynndescent import NNDescent  # imported lazily: importing it is cheap, its first graph pays the JIT
 
-    index = NNDescent(
-        points.astype(np.float32), n_neighbors=n_neighbors + 1, random_state=random_state, compressed=True
-    )
-    indices, distances = index.neighbor_graph
+    with _torch_threads_kept():
+        index = NNDescent(
+            points.astype(np.float32), n_neighbors=n_neighbors + 1, random_state=random_state, compressed=True
+        )
+        indices, distances = index.neighbor_graph
     return _drop_self(indices.astype(np.int64), distances.astype(np.float64), n_neighbors)
+
+
+@contextlib.contextmanager
+def _torch_threads_kept():
+    """Restore torch's intra-op thread count after numba ran. Numba's OpenMP pool calls `omp_set_num_threads` on
+    launch, which lands in the libgomp torch loaded, so a process set to 1 thread would train on every core from its
+    first large warm-up on (NOTES 70: 2.3x slower steps with two such processes on 2 cores)."""
+    torch = sys.modules.get("torch")  # graph.py stays torch-free; a process without torch has nothing to keep
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        if torch is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def _drop_self(indices, distances, n_neighbors):

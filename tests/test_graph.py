@@ -1,5 +1,8 @@
 """The DSCA graph's public functions: argument errors, exact kNN without self-loops."""
 
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -24,3 +27,20 @@ def test_graph_argument_errors_and_exact_knn_without_self():
         warnings.simplefilter("error")
         indices, distances = graph.knn_graph(points, 3)
     assert indices.shape == (20, 3) and not np.any(indices == np.arange(20)[:, None])
+
+
+def test_nndescent_leaves_torch_thread_count_as_it_was():
+    # Numba's OpenMP pool sets libgomp's thread count when it first launches, which is torch's too; a fresh process
+    # is the only place where that launch is sure to happen inside the call under test.
+    script = (
+        "import numpy as np, torch\n"
+        "torch.set_num_threads(1)\n"
+        "from mftc_peft import graph\n"
+        "points = np.random.default_rng(0).normal(size=(300, 4))\n"
+        "graph.knn_graph(points, 5, method='nndescent', random_state=0)\n"
+        "print(torch.get_num_threads())\n"
+    )
+    env = os.environ | {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "2"}
+    env.pop("NUMBA_THREADING_LAYER", None)  # the OpenMP layer is the one that touches torch's libgomp
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "1"
