@@ -15,7 +15,7 @@ from harness.tasks import make_task  # noqa: E402
 
 # selection_study.md, lm: MFTC's default picked 5e-3 since its FFN groups are 8 wide (block_8, NOTES 62; 1e-2 before);
 # random blocks run on the default's grid, 8 wide since NOTES 62: 1e-2 is their pick on 32-wide groups and the best of
-# random_blocks_8's bracket so far (NOTES 66, 2 seeds, top edge; NOTES 68 for 3e-2)
+# random_blocks_8's bracket, interior on seed 0 (NOTES 66; 3e-2 scored 44.41 in NOTES 70)
 PICKS = {"mftc": 5e-3, "lora": 3e-3, "random_blocks": 1e-2}
 SEEDS = [0, 1, 2]
 args = run.parse_args(["--profile", "cpu", "--workers", "2", "--resume"])
