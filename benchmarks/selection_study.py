@@ -85,6 +85,10 @@ VARIANTS = {
                                 "head_blocks": False}),
     # Uniformly random blocks on block_8's grid: does the energy ranking still beat chance at that width?
     "random_blocks_8": ("random_blocks", {"block_size": 8}),
+    # The default with the producers (q, k, v, FFN up/gate) cut into input-feature groups too: each block changes how
+    # every neuron reads 8 residual features, as LoRA's update does, instead of all features of 8 neurons (NOTES 74)
+    "cols_in": ("mftc", {"allocation": "proportional", "quota_rounding": "spread_remainder", "block_size": 8,
+                         "block_axis": "in"}),
 }
 # Learning-rate brackets (classification): block selections peaked at 5e-3 in the cpu profile, LoRA at 2e-3 (it
 # diverged at 5e-3). `--lr` replaces them for every variant.
@@ -100,7 +104,7 @@ BRACKETS = {"cls": {"lora": (1e-3, 2e-3, 4e-3), "energy_steps": (2e-3, 5e-3, 1e-
                    "systematic": (3e-3, 1e-2, 3e-2), "rows_out": (3e-3, 1e-2, 3e-2),
                    "block_16": (3e-3, 1e-2, 3e-2), "block_8": (3e-3, 1e-2, 3e-2),
                    "random_blocks_8": (3e-3, 1e-2, 3e-2), "block_4": (2e-3, 3e-3, 5e-3),
-                   "fine_attention": (3e-3, 5e-3, 1e-2)}}
+                   "fine_attention": (3e-3, 5e-3, 1e-2), "cols_in": (3e-3, 5e-3, 1e-2)}}
 DEFAULT_BRACKET = {"cls": (2e-3, 5e-3, 1e-2), "lm": (1e-3, 3e-3, 1e-2)}
 REFERENCES = ("random_blocks", "lora")
 METRIC = {"cls": ("val_accuracy", True), "lm": ("val_perplexity", False)}
