@@ -41,7 +41,12 @@ def _threads_before_and_after(script: str) -> list[str]:
 def test_nndescent_leaves_torch_thread_count_as_it_was():
     # Numba's OpenMP pool sets libgomp's thread count when it first launches, which is torch's too; a fresh process
     # is the only place where that launch is sure to happen inside the call under test.
-    control = "import torch, numba\nbefore = torch.get_num_threads()\nnumba.get_num_threads()\nprint(before, torch.get_num_threads())\n"
+    control = (
+        "import torch, numba\n"
+        "before = torch.get_num_threads()\n"
+        "numba.get_num_threads()\n"
+        "print(before, torch.get_num_threads())\n"
+    )
     if _threads_before_and_after(control) == ["1", "1"]:
         pytest.skip("numba's thread pool leaves torch's thread count alone on this machine: nothing to guard")
     script = (
