@@ -33,6 +33,8 @@ from harness.summary import budget_of  # noqa: E402
 from run import RESULTS, execute  # noqa: E402
 
 # name: (benchmark method, MFTCConfig overrides)
+# The FFN's down-projection (the neurons' consumer, role 'ffn_in') of either lab model, as a PEFT regex (full match on the module name)
+FFN_DOWN_TARGETS = r".*(\.mlp\.down_proj|\.layer\.\d+\.output\.dense)"
 VARIANTS = {
     # MFTC's module search, its default until NOTES 26 (earlier records named it "default"; relabelled)
     "search": ("mftc", {"allocation": "search"}),
@@ -89,6 +91,10 @@ VARIANTS = {
     # every neuron reads 8 residual features, as LoRA's update does, instead of all features of 8 neurons (NOTES 74)
     "cols_in": ("mftc", {"allocation": "proportional", "quota_rounding": "spread_remainder", "block_size": 8,
                          "block_axis": "in"}),
+    # The default's blocks on the FFN down-projections only (BERT's `layer.N.output.dense`, Llama's `down_proj`), at
+    # the same count: S2FT's released LLaMA-3 recipe trains only down_proj channels (d_ratio 0.03, NOTES 75)
+    "down_only": ("mftc", {"allocation": "proportional", "quota_rounding": "spread_remainder", "block_size": 8,
+                              "target_modules": FFN_DOWN_TARGETS}),
 }
 # Learning-rate brackets (classification): block selections peaked at 5e-3 in the cpu profile, LoRA at 2e-3 (it
 # diverged at 5e-3). `--lr` replaces them for every variant.
@@ -104,7 +110,8 @@ BRACKETS = {"cls": {"lora": (1e-3, 2e-3, 4e-3), "energy_steps": (2e-3, 5e-3, 1e-
                    "systematic": (3e-3, 1e-2, 3e-2), "rows_out": (3e-3, 1e-2, 3e-2),
                    "block_16": (3e-3, 1e-2, 3e-2), "block_8": (3e-3, 1e-2, 3e-2),
                    "random_blocks_8": (3e-3, 1e-2, 3e-2), "block_4": (2e-3, 3e-3, 5e-3),
-                   "fine_attention": (3e-3, 5e-3, 1e-2), "cols_in": (3e-3, 5e-3, 1e-2)}}
+                   "fine_attention": (3e-3, 5e-3, 1e-2), "cols_in": (3e-3, 5e-3, 1e-2),
+                   "down_only": (3e-3, 5e-3, 1e-2)}}
 DEFAULT_BRACKET = {"cls": (2e-3, 5e-3, 1e-2), "lm": (1e-3, 3e-3, 1e-2)}
 REFERENCES = ("random_blocks", "lora")
 METRIC = {"cls": ("val_accuracy", True), "lm": ("val_perplexity", False)}

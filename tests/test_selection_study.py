@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,17 +66,29 @@ def test_energy_sampling_is_seeded_and_never_prefers_dead_blocks():
 
 def test_study_runs_variants_on_the_validation_split(tmp_path):
     command = [sys.executable, str(BENCHMARKS / "selection_study.py"), "--profile", "smoke", "--variants",
-               "node_share_1,random_blocks,cluster_round_robin", "--seeds", "1", "--lr", "1e-3", "--workers", "2",
+               "node_share_1,random_blocks,cluster_round_robin,down_only", "--seeds", "1", "--lr", "1e-3", "--workers", "2",
                "--out", str(tmp_path)]
     subprocess.run(command, check=True, capture_output=True, env=os.environ | {"HF_HUB_OFFLINE": "1"}, timeout=300)
     records = [json.loads(line) for line in (tmp_path / "selection_study.jsonl").read_text().splitlines()]
-    assert sorted(r["variant"] for r in records) == ["cluster_round_robin", "node_share_1", "random_blocks"]
+    assert sorted(r["variant"] for r in records) == ["cluster_round_robin", "down_only", "node_share_1", "random_blocks"]
     for r in records:
         assert r["status"] == "ok", r.get("reason")
         assert r["eval_split"] == "val" and r["val_accuracy"] is not None
     configs = {r["variant"]: r["mftc_config"] for r in records}
     assert configs["node_share_1"] == {"block_size": 32, "allocation": "search", "max_node_share": 1.0}
     assert "| node_share_1 |" in (tmp_path / "selection_study.md").read_text()
+    # a variant's `target_modules` replaces the task's targets: every block on the FFN down-projection (role 'ffn_in')
+    down_only = next(r for r in records if r["variant"] == "down_only")
+    assert {key.split(":")[1] for key in down_only["blocks_by_layer_role"]} == {"ffn_in"}
+
+
+def test_the_down_only_targets_are_the_ffn_down_projections_of_both_lab_models():
+    import selection_study
+
+    matches = lambda name: re.fullmatch(selection_study.FFN_DOWN_TARGETS, name) is not None  # noqa: E731  PEFT's rule
+    assert matches("model.layers.3.mlp.down_proj") and matches("bert.encoder.layer.0.output.dense")
+    assert not any(map(matches, ["model.layers.3.mlp.up_proj", "bert.encoder.layer.0.attention.output.dense",
+                                 "bert.encoder.layer.0.intermediate.dense", "model.layers.3.self_attn.o_proj"]))
 
 
 def test_proportional_top_spreads_like_random_and_picks_by_energy_inside():

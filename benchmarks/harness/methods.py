@@ -174,8 +174,10 @@ def build_bias(model, ctx):
 
 
 def _mftc_model(model, ctx, **extra):
-    fields = {"warmup_steps": ctx.task.settings.warmup_steps} | ctx.mftc_overrides | extra
-    config = MFTCConfig(task_type=ctx.task.task_type, target_modules=ctx.task.targets, seed=ctx.seed, **fields)
+    # A study may narrow the targets (`target_modules` in its overrides); the budget stays LoRA's count on all of them.
+    fields = {"target_modules": ctx.task.targets, "warmup_steps": ctx.task.settings.warmup_steps}
+    fields |= ctx.mftc_overrides | extra
+    config = MFTCConfig(task_type=ctx.task.task_type, seed=ctx.seed, **fields)
     return _timed_peft(model.to(ctx.device), config)
 
 
