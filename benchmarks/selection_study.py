@@ -32,9 +32,9 @@ from harness.profiles import rank_for  # noqa: E402
 from harness.summary import budget_of  # noqa: E402
 from run import RESULTS, execute  # noqa: E402
 
-# name: (benchmark method, MFTCConfig overrides)
-# The FFN's down-projection (the neurons' consumer, role 'ffn_in') of either lab model, as a PEFT regex (full match on the module name)
+# The FFN's down-projection (the neurons' consumer, role 'ffn_in') of either lab model, as a PEFT regex (full match)
 FFN_DOWN_TARGETS = r".*(\.mlp\.down_proj|\.layer\.\d+\.output\.dense)"
+# name: (benchmark method, MFTCConfig overrides)
 VARIANTS = {
     # MFTC's module search, its default until NOTES 26 (earlier records named it "default"; relabelled)
     "search": ("mftc", {"allocation": "search"}),
@@ -94,7 +94,7 @@ VARIANTS = {
     # The default's blocks on the FFN down-projections only (BERT's `layer.N.output.dense`, Llama's `down_proj`), at
     # the same count: S2FT's released LLaMA-3 recipe trains only down_proj channels (d_ratio 0.03, NOTES 75)
     "down_only": ("mftc", {"allocation": "proportional", "quota_rounding": "spread_remainder", "block_size": 8,
-                              "target_modules": FFN_DOWN_TARGETS}),
+                           "target_modules": FFN_DOWN_TARGETS}),
 }
 # Learning-rate brackets (classification): block selections peaked at 5e-3 in the cpu profile, LoRA at 2e-3 (it
 # diverged at 5e-3). `--lr` replaces them for every variant.

@@ -41,8 +41,10 @@ def _threads_before_and_after(script: str) -> list[str]:
 def test_nndescent_leaves_torch_thread_count_as_it_was():
     # Numba's OpenMP pool sets libgomp's thread count when it first launches, which is torch's too; a fresh process
     # is the only place where that launch is sure to happen inside the call under test.
-    control = (
-        "import torch, numba\n"
+    control = (  # the script's imports in its order (which libgomp numba binds to may depend on it), then the launch
+        "import numpy as np, torch\n"
+        "from mftc_peft import graph\n"
+        "import pynndescent, numba\n"
         "before = torch.get_num_threads()\n"
         "numba.get_num_threads()\n"
         "print(before, torch.get_num_threads())\n"
@@ -55,6 +57,7 @@ def test_nndescent_leaves_torch_thread_count_as_it_was():
         "before = torch.get_num_threads()\n"
         "points = np.random.default_rng(0).normal(size=(300, 4))\n"
         "graph.knn_graph(points, 5, method='nndescent', random_state=0)\n"
-        "print(before, torch.get_num_threads())\n"
+        "import numba\n"
+        "print(before, torch.get_num_threads(), numba.threading_layer())\n"  # raises unless the pool has launched
     )
-    assert _threads_before_and_after(script) == ["1", "1"]
+    assert _threads_before_and_after(script) == ["1", "1", "omp"]
