@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
 
+from harness.tasks import BERT_TARGETS, LLAMA_TARGETS  # the targets every method of the benchmark adapts
 from mftc_peft import MFTCConfig
 from mftc_peft.blocks import module_role
 
@@ -21,8 +22,6 @@ MINILM_SHAPE = dict(
     vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
     max_position_embeddings=512, num_labels=2,
 )
-BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -39,3 +41,23 @@ def test_table_has_a_ratio_column_per_reference_that_ran():
     only = {"median_step_s": {"mftc": 1.0}, "trainable_without_head": {"mftc": 7}}
     assert bench.table(only).splitlines() == ["| method | trainable (no head) | median step (s) |", "|---|---|---|",
                                               "| mftc | 7 | 1.000 |"]
+
+
+class _Recorder(torch.nn.Module):
+    """A one-parameter model that logs when it is stepped."""
+
+    def __init__(self, name: str, log: list[str]):
+        super().__init__()
+        self.name, self.log, self.weight = name, log, torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        self.log.append(self.name)
+        return SimpleNamespace(loss=(self.weight * x).sum())
+
+
+def test_methods_take_turns_in_reverse_order_on_odd_steps_and_warmup_steps_are_not_timed():
+    log = []
+    models = {"lora": _Recorder("lora", log), "mftc": _Recorder("mftc", log)}
+    times = bench.time_steps(models, {"x": torch.ones(2)}, steps=3, warmup=1, device=torch.device("cpu"))
+    assert log == ["lora", "mftc", "mftc", "lora", "lora", "mftc", "mftc", "lora"]
+    assert {name: len(t) for name, t in times.items()} == {"lora": 3, "mftc": 3}
