@@ -95,7 +95,15 @@ VARIANTS = {
     # the same count: S2FT's released LLaMA-3 recipe trains only down_proj channels (d_ratio 0.03, NOTES 75)
     "down_only": ("mftc", {"allocation": "proportional", "quota_rounding": "spread_remainder", "block_size": 8,
                            "target_modules": FFN_DOWN_TARGETS}),
+    # LoRA and the default with the rate ramped up from 0 over the first tenth of the steps (NOTES 81): blocks lead LoRA
+    # for 4 steps and trail from step 5 (NOTES 74); Adam's first steps move trained weights by about `lr` each, while
+    # LoRA's B = 0 starts it gently. Does a ramp help the blocks more than LoRA?
+    "lora_lr_warmup": ("lora", {}),
+    "block_8_lr_warmup": ("mftc", {"allocation": "proportional", "quota_rounding": "spread_remainder",
+                                   "block_size": 8}),
 }
+# Settings of the run itself (not of the method) for some variants: see `harness.runner.run_one`
+RUN_OVERRIDES = {"lora_lr_warmup": {"lr_warmup_ratio": 0.1}, "block_8_lr_warmup": {"lr_warmup_ratio": 0.1}}
 # Learning-rate brackets (classification): block selections peaked at 5e-3 in the cpu profile, LoRA at 2e-3 (it
 # diverged at 5e-3). `--lr` replaces them for every variant.
 # energy_steps started one step up (its sensitive blocks take scaled steps) and picked 5e-3, the bottom: extended.
@@ -183,8 +191,8 @@ def specs(args, lora_budget: int) -> list[dict]:
     base = {"profile": args.profile, "task": args.task, "device": "cpu", "phase": "sweep", "lr_swept": False,
             "lora_budget": lora_budget, "match_budget": lora_budget, "budget_source": "lora",
             "budget_multiple": args.budget_multiple, "lora_rank": rank_for(args.budget_multiple)}
-    return [base | {"variant": name, "method": VARIANTS[name][0], "mftc_config": lab_config(name), "seed": seed,
-                    "lr": lr}
+    return [base | RUN_OVERRIDES.get(name, {}) | {"variant": name, "method": VARIANTS[name][0],
+                                                 "mftc_config": lab_config(name), "seed": seed, "lr": lr}
             for seed in range(args.seeds) for name in args.variants.split(",") for lr in bracket(args, name)]
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.optimization import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from .checks import check_choice, check_int, check_number, check_positive_number, check_rng
 
@@ -264,6 +265,13 @@ def _synchronize(device: torch.device | None) -> None:
         torch.cuda.synchronize(device)
 
 
+def make_scheduler(opt: torch.optim.Optimizer, schedule: str, *, steps: int | None, lr_warmup_steps: int):
+    """transformers' schedule for `schedule` after a linear ramp of `lr_warmup_steps` (None: a constant rate)."""
+    if schedule == "linear":
+        return get_linear_schedule_with_warmup(opt, lr_warmup_steps, steps)
+    return get_constant_schedule_with_warmup(opt, lr_warmup_steps) if lr_warmup_steps else None
+
+
 def train_steps(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
@@ -274,6 +282,7 @@ def train_steps(
     optimizer: str = "adamw",
     weight_decay: float = 0.0,
     schedule: str = "constant",
+    lr_warmup_steps: int = 0,
     compute_loss: LossFn | None = None,
     hooks: TrainHooks | None = None,
     device: torch.device | str | None = None,
@@ -292,7 +301,9 @@ def train_steps(
     `params` (tensors or param-group dicts; None: every parameter of `model` that requires gradients) are what the
     optimiser updates; which parameters receive gradients is up to their `requires_grad` flags. `optimizer` is
     "adamw" or "sgd" with `weight_decay`; `schedule="linear"` decays the learning rate linearly to 0 over `steps`
-    (which must then be given), "constant" keeps it. `device` moves every batch there (None: batches are used as
+    (which must then be given), "constant" keeps it. `lr_warmup_steps` first ramps the rate linearly from 0, as
+transformers' `get_*_schedule_with_warmup` (the `Trainer`'s `warmup_steps`) do; the linear decay then runs over the
+steps after the ramp. `device` moves every batch there (None: batches are used as
     they come). Runs in the model's current train/eval mode and leaves gradients cleared (None).
     """
     if steps is not None:
@@ -300,6 +311,9 @@ def train_steps(
     check_choice("schedule", schedule, SCHEDULES)
     if schedule == "linear" and steps is None:
         raise ValueError("`steps` must be given with `schedule='linear'`, got None")
+    lr_warmup_steps = check_int("lr_warmup_steps", lr_warmup_steps, minimum=0)
+    if steps is not None and lr_warmup_steps >= steps:
+        raise ValueError(f"`lr_warmup_steps` must be smaller than `steps` ({steps}), got {lr_warmup_steps}")
     hooks = TrainHooks() if hooks is None else hooks
     device = None if device is None else torch.device(device)
     if params is None:
@@ -307,9 +321,7 @@ def train_steps(
     opt = make_optimizer(params, lr=lr, optimizer=optimizer, weight_decay=weight_decay)
     if hooks.optimizer_ready is not None:
         hooks.optimizer_ready(opt)
-    scheduler = None
-    if schedule == "linear":
-        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: max(0.0, 1.0 - k / steps))
+    scheduler = make_scheduler(opt, schedule, steps=steps, lr_warmup_steps=lr_warmup_steps)
     losses, batches = [], iter(batches)
     bar = tqdm(total=steps, desc=desc or "train", disable=not progress, leave=False)
     _synchronize(device)

@@ -66,11 +66,11 @@ def test_energy_sampling_is_seeded_and_never_prefers_dead_blocks():
 
 def test_study_runs_variants_on_the_validation_split(tmp_path):
     command = [sys.executable, str(BENCHMARKS / "selection_study.py"), "--profile", "smoke", "--variants",
-               "node_share_1,random_blocks,cluster_round_robin,down_only", "--seeds", "1", "--lr", "1e-3",
-               "--workers", "2", "--out", str(tmp_path)]
+               "node_share_1,random_blocks,cluster_round_robin,down_only,lora_lr_warmup", "--seeds", "1",
+               "--lr", "1e-3", "--workers", "2", "--out", str(tmp_path)]
     subprocess.run(command, check=True, capture_output=True, env=os.environ | {"HF_HUB_OFFLINE": "1"}, timeout=300)
     records = [json.loads(line) for line in (tmp_path / "selection_study.jsonl").read_text().splitlines()]
-    variants = ["cluster_round_robin", "down_only", "node_share_1", "random_blocks"]
+    variants = ["cluster_round_robin", "down_only", "lora_lr_warmup", "node_share_1", "random_blocks"]
     assert sorted(r["variant"] for r in records) == variants
     for r in records:
         assert r["status"] == "ok", r.get("reason")
@@ -81,6 +81,8 @@ def test_study_runs_variants_on_the_validation_split(tmp_path):
     # a variant's `target_modules` replaces the task's targets: every block on the FFN down-projection (role 'ffn_in')
     down_only = next(r for r in records if r["variant"] == "down_only")
     assert {key.split(":")[1] for key in down_only["blocks_by_layer_role"]} == {"ffn_in"}
+    # a variant's run settings reach the training loop: the ramp's steps (a tenth of 3, at least 1) for that one only
+    assert {r["variant"]: r["lr_warmup_steps"] for r in records} == {v: int(v == "lora_lr_warmup") for v in variants}
 
 
 def test_the_down_only_targets_are_the_ffn_down_projections_of_both_lab_models():

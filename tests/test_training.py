@@ -120,8 +120,28 @@ def test_hook_order_and_step_callback():
 
 
 @pytest.mark.parametrize(
+    "schedule,lr_warmup_steps,factors",
+    [
+        ("linear", 0, [1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6]),
+        ("linear", 2, [0, 1 / 2, 1, 3 / 4, 1 / 2, 1 / 4]),  # the ramp, then the decay over the 4 steps left
+        ("constant", 2, [0, 1 / 2, 1, 1, 1, 1]),
+        ("constant", 0, [1] * 6),
+    ],
+)
+def test_learning_rate_ramps_up_over_lr_warmup_steps(schedule, lr_warmup_steps, factors):
+    rates, optimizer = [], []
+    hooks = TrainHooks(optimizer_ready=optimizer.append,
+                       after_step=lambda step: rates.append(optimizer[0].param_groups[0]["lr"]))
+    train_steps(tiny_model(), some_batches(6), lr=0.1, steps=6, schedule=schedule, lr_warmup_steps=lr_warmup_steps,
+                compute_loss=mse, hooks=hooks)
+    assert rates == pytest.approx([0.1 * f for f in factors])
+
+
+@pytest.mark.parametrize(
     "kwargs,match",
     [
+        ({"lr_warmup_steps": -1}, r"`lr_warmup_steps` must be a non-negative integer, got -1"),
+        ({"lr_warmup_steps": 2}, r"`lr_warmup_steps` must be smaller than `steps` \(2\), got 2"),
         ({"schedule": "cosine"}, r"`schedule` must be one of \('constant', 'linear'\), got 'cosine'"),
         ({"schedule": "linear", "steps": None}, r"`steps` must be given with `schedule='linear'`, got None"),
         ({"optimizer": "adam"}, r"`optimizer` must be one of \('adamw', 'sgd'\), got 'adam'"),

@@ -24,8 +24,9 @@ WARMUP_SEED_OFFSET = 10_000  # warm-up batches: their own seeded stream, the sam
 
 def run_one(spec: dict) -> dict:
     """`spec`: profile, phase ('sweep' | 'test'), task, method, seed, lr, lr_swept, device, lora_budget,
-    match_budget, budget_source, and optionally mftc_config (MFTCConfig overrides) and lora_rank (a budget sweep's
-    rank; default 8). Returns the JSON record (status 'ok', 'skipped' or 'failed')."""
+    match_budget, budget_source, and optionally mftc_config (MFTCConfig overrides), lora_rank (a budget sweep's
+    rank; default 8) and lr_warmup_ratio (the share of the steps over which the rate ramps up from 0; default 0).
+    Returns the JSON record (status 'ok', 'skipped' or 'failed')."""
     profile = PROFILES[spec["profile"]]
     settings = profile.settings[spec["task"]]
     task = make_task(spec["task"], settings, tiny=profile.tiny_models)
@@ -61,11 +62,12 @@ def _run(spec: dict, task, device: torch.device) -> dict:
     total, no_head = trainable_counts(built.model, task.is_head)
     torch.manual_seed(seed)  # dropout masks: the same stream for every method of a seed
     train_batches = map(trim_padding, iterate_batches(splits.train, bs, seed=seed, epochs=None))
-    # The one training loop every method runs: AdamW (weight decay 0), linear decay to 0, batches moved to the device;
-    # the method's hooks (AdaLoRA's rank allocation, MFTC's spectral coordination) inside it.
+    # The one training loop every method runs: AdamW (weight decay 0), linear decay to 0 (after a ramp where the spec
+    # asks for one), batches moved to the device; the method's hooks (AdaLoRA's rank allocation, MFTC's spectral
+    # coordination) inside it.
     built.model.train()
     result = train_steps(built.model, train_batches, lr=spec["lr"], steps=steps, schedule="linear",
-                         hooks=built.hooks, device=device)
+                         lr_warmup_steps=lr_warmup_steps(spec, steps), hooks=built.hooks, device=device)
     split = "val" if spec["phase"] == "sweep" else "test"
     start = time.perf_counter()
     metrics = task.evaluate(built.model, getattr(splits, split), device)
@@ -74,7 +76,7 @@ def _run(spec: dict, task, device: torch.device) -> dict:
     finalize = info.pop("finalize", None)
     size, size_kind = adapter_bytes(built.model, is_peft=built.is_peft)
     return {
-        "status": "ok", "steps": steps, "eval_split": split, "n_train": len(splits.train["input_ids"]),
+        "status": "ok", "steps": steps, "lr_warmup_steps": lr_warmup_steps(spec, steps), "eval_split": split, "n_train": len(splits.train["input_ids"]),
         "n_eval": len(getattr(splits, split)["input_ids"]),
         **{f"{split}_{k}": v for k, v in metrics.items()},
         "trainable_params": total, "trainable_params_no_head": no_head,
@@ -85,3 +87,10 @@ def _run(spec: dict, task, device: torch.device) -> dict:
         "adapter_bytes": size, "adapter_file": size_kind, **peak_memory(device),
         "threads": torch.get_num_threads(), **info, **(finalize() if finalize else {}),
     }
+
+
+def lr_warmup_steps(spec: dict, steps: int) -> int:
+    """The steps of the learning-rate ramp: `lr_warmup_ratio` of the run's steps, rounded, and at least one step when
+    the ratio is above 0 (a smoke run's 3 steps would round it away)."""
+    ratio = float(spec.get("lr_warmup_ratio", 0.0))
+    return max(1, round(ratio * steps)) if ratio > 0 else 0
