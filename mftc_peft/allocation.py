@@ -23,17 +23,37 @@ Where shares fall below one block, the rounding decides (`MFTCConfig.quota_round
   first layers.
 The budget in blocks uses the median block size, so where larger blocks (heads, row groups) are in the quotas the
 element budget drops the lowest-energy quota blocks.
+
+How the quotas are filled (`MFTCConfig.ffn_coupling`):
+- "none" (the default): each weight with its own highest-energy blocks;
+- "neurons": inside each transformer layer the FFN weights (producers such as gate/up_proj cut into row groups, the
+  consumer such as down_proj cut into column groups: group b is the same `block_size` neurons in all of them) fill
+  their quotas from one ranking of the neuron groups, by the sum of the group's block energies over those weights,
+  so a group's read and write are trained together (as S2FT couples them). Equal quotas pick identical groups; a
+  larger quota takes the next groups of the same ranking. Other weights fill as with "none". A layer whose FFN
+  weights do not line up (`COUPLING_RULE`) fills independently, with a warning; none lining up is an error.
 """
 
 from __future__ import annotations
 
+import warnings
+from typing import Mapping
+
 import numpy as np
 
+from .blocks import BlockGrid, module_role
+from .checks import check_choice
 from .search import BlockTable
 
 ALLOCATIONS = ("search", "proportional")
 QUOTA_ROUNDINGS = ("largest_remainder", "systematic", "systematic_mixed", "spread_remainder")
 DEFAULT_QUOTA_ROUNDING = "spread_remainder"  # NOTES 56: largest remainders alone pile small budgets into early layers
+FFN_COUPLINGS = ("none", "neurons")
+COUPLING_RULE = (
+    "a transformer layer's FFN weights are coupled when they are one consumer (down_proj, output.dense, ...) cut "
+    "along 'in' and at least one producer (gate_proj, up_proj, intermediate.dense, ...) cut along 'out', all into "
+    "the same blocks of the same neurons (equal neuron count and block width)"
+)
 
 
 def proportional_quotas(table: BlockTable, budget: int, rounding: str = "largest_remainder",
@@ -109,16 +129,103 @@ def mixed_layer_order(layers: np.ndarray, rng: np.random.Generator) -> np.ndarra
     return np.lexsort((rng.permutation(len(layers)), layers))
 
 
-def proportional_selection(table: BlockTable, budget: int, rounding: str = "largest_remainder",
-                           seed: int = 0) -> dict[str, list[int]]:
-    """Module name -> sorted block ids: every weight's quota filled with its highest-energy blocks, then taken in
-    order of energy while they fit `budget` elements (where the quotas hold blocks larger than the median, the
-    weakest of them are left out)."""
-    rows: list[int] = []
-    for mine, k in proportional_quotas(table, budget, rounding, seed):
-        rows += mine[np.argsort(-table.energy[mine], kind="stable")][:k].tolist()
-    rows.sort(key=lambda r: -table.energy[r])
+def proportional_selection(table: BlockTable, budget: int, rounding: str = "largest_remainder", seed: int = 0, *,
+                           ffn_coupling: str = "none",
+                           grids: Mapping[str, BlockGrid] | None = None) -> dict[str, list[int]]:
+    """Module name -> sorted block ids: every weight's quota filled with its highest-energy blocks (with
+    `ffn_coupling="neurons"`, a layer's FFN weights with its strongest neuron groups: `coupled_fill`, which needs the
+    weights' `grids`), then taken in order of energy while they fit `budget` elements (where the quotas hold blocks
+    larger than the median, the weakest of them are left out)."""
+    check_choice("ffn_coupling", ffn_coupling, FFN_COUPLINGS)
+    quotas = proportional_quotas(table, budget, rounding, seed)
+    if ffn_coupling == "neurons":
+        if grids is None:
+            raise ValueError("`grids` (module name -> BlockGrid) must be given with ffn_coupling='neurons', got None")
+        rows, rank = coupled_fill(table, quotas, grids)
+    else:
+        rows, rank = independent_fill(table, quotas), table.energy
+    rows.sort(key=lambda r: -rank[r])
     return take_in_order(table, rows, budget)
+
+
+def independent_fill(table: BlockTable, quotas: list[tuple[np.ndarray, int]]) -> list[int]:
+    """Rows of `table`: each weight's quota filled with its own highest-energy blocks."""
+    rows: list[int] = []
+    for mine, k in quotas:
+        rows += mine[np.argsort(-table.energy[mine], kind="stable")][:k].tolist()
+    return rows
+
+
+def coupled_fill(table: BlockTable, quotas: list[tuple[np.ndarray, int]],
+                 grids: Mapping[str, BlockGrid]) -> tuple[list[int], np.ndarray]:
+    """(rows of `table`, a ranking value per row): `quotas` filled as `independent_fill` does, except that each
+    layer's coupled FFN weights (`ffn_units`) take their quotas from one ranking of the neuron groups, by the group's
+    energy summed over those weights. Their rows rank by that sum divided by the number of weights (the group's mean
+    energy; other rows by their own energy), so at the budget cut a group's blocks stand next to each other instead
+    of apart by their own energies, and few groups are split.
+
+    Layers whose FFN weights do not couple fill independently, with a `RuntimeWarning` naming them; a `ValueError`
+    when no layer couples.
+    """
+    units, skipped = ffn_units(table, grids)
+    if not units:
+        found = _describe(skipped) or f"no FFN weight among the {len(set(table.module_names))} target weights"
+        raise ValueError(f"`ffn_coupling='neurons'` needs a layer whose FFN weights can be coupled ({COUPLING_RULE}); "
+                         f"none can, got {found}")
+    if skipped:
+        warnings.warn(f"ffn_coupling='neurons': these layers' FFN weights are filled independently, since "
+                      f"{COUPLING_RULE}: {_describe(skipped)}", RuntimeWarning, stacklevel=3)
+    quota = {table.module_names[mine[0]]: (mine, k) for mine, k in quotas}
+    coupled = {name for unit in units for name in unit}
+    rows = independent_fill(table, [q for name, q in quota.items() if name not in coupled])
+    rank = table.energy.copy()
+    for unit in units:
+        # (weights, groups) rows of the unit, columns in block-id order (every weight holds the same ids)
+        grid_rows = np.stack([mine[np.argsort(table.block_ids[mine], kind="stable")]
+                              for mine, _ in (quota[name] for name in unit)])
+        score = table.energy[grid_rows].sum(axis=0)
+        order = np.argsort(-score, kind="stable")
+        rank[grid_rows] = score / len(unit)
+        for (_, k), weight_rows in zip((quota[name] for name in unit), grid_rows):
+            rows += weight_rows[order[:k]].tolist()
+    return rows, rank
+
+
+def ffn_units(table: BlockTable, grids: Mapping[str, BlockGrid]) -> tuple[list[list[str]], dict[int, str]]:
+    """(the coupled FFN weights of each layer that has them, in table order; layer -> why its FFN weights are not
+    coupled), by `COUPLING_RULE`. FFN weights are found by `module_role`, layers from the table's `layers` (the
+    weights in no layer, -1, count as one; a layer holding two consumers, e.g. a mixture of experts or two stacks
+    sharing indices, is not coupled)."""
+    names = np.array(table.module_names)
+    weights = list(dict.fromkeys(table.module_names))
+    by_layer: dict[int, list[str]] = {}
+    for name, layer in zip(weights, _weight_layers(table, names, weights).tolist()):
+        if module_role(name) in ("ffn_out", "ffn_in"):
+            by_layer.setdefault(layer, []).append(name)
+    units, skipped = [], {}
+    for layer, unit in by_layer.items():
+        producers = [n for n in unit if module_role(n) == "ffn_out"]
+        consumers = [n for n in unit if module_role(n) == "ffn_in"]
+        axes = {n: grids[n].axis for n in unit}
+        shapes = {(grids[n].length, grids[n].width) for n in unit}
+        ids = {tuple(sorted(table.block_ids[names == n].tolist())) for n in unit}
+        if len(consumers) != 1 or not producers:
+            skipped[layer] = (f"{len(producers)} producer(s) ({', '.join(producers) or 'none'}) and "
+                              f"{len(consumers)} consumer(s) ({', '.join(consumers) or 'none'})")
+        elif any(axes[n] != "out" for n in producers) or axes[consumers[0]] != "in":
+            skipped[layer] = "block axes " + ", ".join(f"{n}: {a}" for n, a in axes.items())
+        elif len(shapes) > 1:
+            skipped[layer] = "(neurons, block width) " + ", ".join(
+                f"{n}: ({grids[n].length}, {grids[n].width})" for n in unit)
+        elif len(ids) > 1:
+            skipped[layer] = f"different block ids in the table for {', '.join(unit)}"
+        else:
+            units.append(unit)
+    return units, skipped
+
+
+def _describe(skipped: dict[int, str]) -> str:
+    return "; ".join(f"layer {layer}: {reason}" for layer, reason in skipped.items())
 
 
 def take_in_order(table: BlockTable, rows, budget: int) -> dict[str, list[int]]:
