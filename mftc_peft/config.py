@@ -9,7 +9,7 @@ from typing import Optional, Union
 from peft.config import PeftConfig
 
 from . import defaults
-from .allocation import ALLOCATIONS, DEFAULT_QUOTA_ROUNDING, QUOTA_ROUNDINGS
+from .allocation import ALLOCATIONS, DEFAULT_QUOTA_ROUNDING, FFN_COUPLINGS, QUOTA_ROUNDINGS
 from .blocks import AXIS_CHOICES
 from .checks import check_bool, check_choice, check_int, check_names, check_range, check_regex, is_int, is_real
 from .graph import SIMILARITIES
@@ -179,6 +179,15 @@ class MFTCConfig(PeftConfig):
             "seeded random order, so the roles vary)."
         },
     )
+    ffn_coupling: str = field(
+        default="none",
+        metadata={
+            "help": "allocation='proportional' only. How the FFN weights' quotas are filled: 'none' (each weight with "
+            "its own highest-energy blocks) or 'neurons' (in each layer, gate/up_proj row groups and down_proj column "
+            "groups, which are the same neurons, ranked together by their summed energy: the weights train the same "
+            "neuron groups as far as their quotas allow; needs block_axis='auto'). Not yet measured in the lab."
+        },
+    )
     probe: str = field(
         default="taylor",
         metadata={
@@ -302,6 +311,7 @@ class MFTCConfig(PeftConfig):
         if self.allocation == "search" and self.quota_rounding not in (None, "largest_remainder"):
             raise ValueError(f"`quota_rounding` only applies to allocation='proportional' (the module search sets no "
                              f"quotas), got quota_rounding={self.quota_rounding!r} with allocation='search'")
+        _check_ffn_coupling(self)
         check_choice("block_score", self.block_score, BLOCK_SCORES)
         if self.block_score != "energy" and self.probe != "taylor":
             raise ValueError(f"`block_score` {self.block_score!r} needs probe='taylor', got probe={self.probe!r}")
@@ -353,6 +363,20 @@ def _check_search_fields_unused(config) -> None:
             f"allocation='proportional' runs no module search, so these fields would have no effect; leave them at "
             f"their defaults or use allocation='search', got {ignored!r}"
         )
+
+
+def _check_ffn_coupling(config) -> None:
+    check_choice("ffn_coupling", config.ffn_coupling, FFN_COUPLINGS)
+    if config.ffn_coupling == "none":
+        return
+    if config.allocation != "proportional":
+        raise ValueError(f"`ffn_coupling` only applies to allocation='proportional' (the module search sets no "
+                         f"quotas to fill), got ffn_coupling={config.ffn_coupling!r} with allocation="
+                         f"{config.allocation!r}")
+    if config.block_axis != "auto":
+        raise ValueError(f"`ffn_coupling={config.ffn_coupling!r}` needs block_axis='auto' (FFN producers cut along "
+                         f"'out', the consumer along 'in', so a neuron group has one block id in all of them), got "
+                         f"block_axis={config.block_axis!r}")
 
 
 def _check_module_fields(config) -> None:

@@ -102,7 +102,10 @@ def compute_selection(
         space = result = gain_model = loss_model = None
         with run.timed("search"):
             rounding = run.config.quota_rounding or DEFAULT_QUOTA_ROUNDING
-            selection = _broadcast(proportional_selection(measurement.table, budget, rounding, run.seeds["allocation"]))
+            selection = _broadcast(proportional_selection(
+                measurement.table, budget, rounding, run.seeds["allocation"], ffn_coupling=run.config.ffn_coupling,
+                grids=grids,
+            ))
         if not selection:
             logger.warning("MFTC warm-up: the budget (%s elements) holds no block; the adapter trains none", budget)
     else:

@@ -1,13 +1,19 @@
-"""Coupled FFN neuron groups (`proportional_selection(..., ffn_coupling="neurons")`): a layer's gate/up_proj row groups
-and down_proj column groups fill their quotas from one ranking of the neuron groups."""
+"""Coupled FFN neuron groups (`MFTCConfig.ffn_coupling="neurons"`): a layer's gate/up_proj row groups and down_proj
+column groups fill their quotas from one ranking of the neuron groups; the config checks; a warm-up on a tiny Llama."""
 
 from __future__ import annotations
 
+import json
+import warnings
+
 import numpy as np
 import pytest
+from test_warmup import token_batches, warm_model
 
-from mftc_peft import BlockGrid
+import mftc_peft
+from mftc_peft import BlockGrid, MFTCConfig
 from mftc_peft.allocation import ffn_units, proportional_quotas, proportional_selection
+from mftc_peft.context import stage_seeds
 from mftc_peft.search import BlockTable
 
 HIDDEN, NEURONS, WIDTH = 16, 32, 8  # 4 neuron groups of 8; every FFN block holds 8 x 16 = 128 elements
@@ -101,3 +107,49 @@ def test_ffn_units_find_the_ffn_weights_by_role():
     grids = {n: BlockGrid(axis=a, in_features=i, out_features=o, width=WIDTH) for n, (a, i, o) in zip(names, shapes)}
     table = BlockTable.from_grids(grids, {n: np.ones(g.n_blocks) for n, g in grids.items()})
     assert ffn_units(table, grids) == ([names[2:]], {})
+
+
+def test_ffn_coupling_is_checked_by_name():
+    with pytest.raises(ValueError, match=r"`ffn_coupling` must be one of \('none', 'neurons'\), got 'neuron'"):
+        MFTCConfig(ffn_coupling="neuron")
+    with pytest.raises(ValueError, match=r"`ffn_coupling` only applies to allocation='proportional'.*"
+                                         r"got ffn_coupling='neurons' with allocation='search'"):
+        MFTCConfig(allocation="search", ffn_coupling="neurons")
+    with pytest.raises(ValueError, match=r"`ffn_coupling='neurons'` needs block_axis='auto'.*got block_axis='in'"):
+        MFTCConfig(ffn_coupling="neurons", block_axis="in")
+    assert MFTCConfig().ffn_coupling == "none"
+
+
+def test_ffn_coupling_is_saved_with_the_adapter_and_old_files_load_uncoupled(tmp_path):
+    MFTCConfig(ffn_coupling="neurons").save_pretrained(tmp_path)
+    assert MFTCConfig.from_pretrained(tmp_path).ffn_coupling == "neurons"
+    path = tmp_path / "adapter_config.json"
+    fields = json.loads(path.read_text())
+    del fields["ffn_coupling"]  # what an adapter saved before the field existed holds
+    path.write_text(json.dumps(fields))
+    assert MFTCConfig.from_pretrained(tmp_path).ffn_coupling == "none"
+
+
+def test_warmup_on_a_tiny_llama_trains_the_same_neuron_groups_in_gate_up_and_down():
+    # 16-wide neuron groups, the size of a head here: every quota block fits the element budget, none is dropped
+    _, model = warm_model("llama_gqa", budget=0.3, block_size=16, ffn_coupling="neurons")
+    batches = token_batches(6, causal=True)
+    table = mftc_peft.measure_blocks(model, batches).table
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # every layer couples
+        report = mftc_peft.warmup(model, batches, progress=False)
+    grids = model.base_model.block_grids()
+    rounding, seed = model.peft_config["default"].quota_rounding, stage_seeds(0)["allocation"]
+    assert report.selection == proportional_selection(table, report.budget_elements, rounding, seed,
+                                                      ffn_coupling="neurons", grids=grids)
+    names = np.array(table.module_names)
+    for layer in (0, 1):
+        ffn = [f"model.layers.{layer}.mlp.{w}" for w in ("gate_proj", "up_proj", "down_proj")]
+        score = sum(table.energy[names == name][np.argsort(table.block_ids[names == name])] for name in ffn)
+        ranking = np.argsort(-score, kind="stable").tolist()
+        chosen = [report.selection.get(name, []) for name in ffn]
+        assert all(chosen), chosen
+        # each weight's groups are the top of the layer's one ranking: identical where the quotas are equal
+        assert all(sorted(ranking[: len(ids)]) == ids for ids in chosen), (chosen, ranking)
+    independent = proportional_selection(table, report.budget_elements, rounding, seed)
+    assert independent != report.selection  # the gradients here make the two fills differ
