@@ -101,6 +101,10 @@ VARIANTS = {
     "lora_lr_warmup": ("lora", {}),
     "block_8_lr_warmup": ("mftc", {"allocation": "proportional", "quota_rounding": "spread_remainder",
                                    "block_size": 8}),
+    # The default with each layer's gate/up row groups and down column groups on the same neurons (NOTES 83):
+    # a neuron's read and write trained together, from one ranking by their summed energy
+    "coupled_neurons": ("mftc", {"allocation": "proportional", "quota_rounding": "spread_remainder", "block_size": 8,
+                                 "ffn_coupling": "neurons"}),
 }
 # Settings of the run itself (not of the method) for some variants: see `harness.runner.run_one`
 RUN_OVERRIDES = {"lora_lr_warmup": {"lr_warmup_ratio": 0.1}, "block_8_lr_warmup": {"lr_warmup_ratio": 0.1}}
@@ -119,7 +123,8 @@ BRACKETS = {"cls": {"lora": (1e-3, 2e-3, 4e-3), "energy_steps": (2e-3, 5e-3, 1e-
                    "block_16": (3e-3, 1e-2, 3e-2), "block_8": (3e-3, 1e-2, 3e-2),
                    "random_blocks_8": (3e-3, 1e-2, 3e-2), "block_4": (2e-3, 3e-3, 5e-3),
                    "fine_attention": (3e-3, 5e-3, 1e-2), "cols_in": (3e-3, 5e-3, 1e-2),
-                   "down_only": (3e-3, 5e-3, 1e-2)}}
+                   "down_only": (3e-3, 5e-3, 1e-2), "block_8_lr_warmup": (3e-3, 5e-3, 1e-2),
+                   "lora_lr_warmup": (2e-3, 3e-3, 5e-3), "coupled_neurons": (3e-3, 5e-3, 1e-2)}}
 DEFAULT_BRACKET = {"cls": (2e-3, 5e-3, 1e-2), "lm": (1e-3, 3e-3, 1e-2)}
 REFERENCES = ("random_blocks", "lora")
 METRIC = {"cls": ("val_accuracy", True), "lm": ("val_perplexity", False)}
