@@ -185,7 +185,7 @@ class MFTCConfig(PeftConfig):
             "help": "allocation='proportional' only. How the FFN weights' quotas are filled: 'none' (each weight with "
             "its own highest-energy blocks) or 'neurons' (in each layer, gate/up_proj row groups and down_proj column "
             "groups, which are the same neurons, ranked together by their summed energy: the weights train the same "
-            "neuron groups as far as their quotas allow; needs block_axis='auto'). Not yet measured in the lab."
+            "neuron groups as far as their quotas allow; needs block_axis='auto'). On the LM lab it tied 'none' (benchmarks/results/NOTES.md 83)."
         },
     )
     probe: str = field(

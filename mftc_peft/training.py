@@ -302,8 +302,8 @@ def train_steps(
     optimiser updates; which parameters receive gradients is up to their `requires_grad` flags. `optimizer` is
     "adamw" or "sgd" with `weight_decay`; `schedule="linear"` decays the learning rate linearly to 0 over `steps`
     (which must then be given), "constant" keeps it. `lr_warmup_steps` first ramps the rate linearly from 0, as
-transformers' `get_*_schedule_with_warmup` (the `Trainer`'s `warmup_steps`) do; the linear decay then runs over the
-steps after the ramp. `device` moves every batch there (None: batches are used as
+    transformers' `get_*_schedule_with_warmup` (the `Trainer`'s `warmup_steps`) do; the linear decay then runs over
+    the steps after the ramp. `device` moves every batch there (None: batches are used as
     they come). Runs in the model's current train/eval mode and leaves gradients cleared (None).
     """
     if steps is not None:

@@ -66,8 +66,9 @@ def _run(spec: dict, task, device: torch.device) -> dict:
     # asks for one), batches moved to the device; the method's hooks (AdaLoRA's rank allocation, MFTC's spectral
     # coordination) inside it.
     built.model.train()
+    ramp = lr_warmup_steps(spec, steps)
     result = train_steps(built.model, train_batches, lr=spec["lr"], steps=steps, schedule="linear",
-                         lr_warmup_steps=lr_warmup_steps(spec, steps), hooks=built.hooks, device=device)
+                         lr_warmup_steps=ramp, hooks=built.hooks, device=device)
     split = "val" if spec["phase"] == "sweep" else "test"
     start = time.perf_counter()
     metrics = task.evaluate(built.model, getattr(splits, split), device)
@@ -76,7 +77,8 @@ def _run(spec: dict, task, device: torch.device) -> dict:
     finalize = info.pop("finalize", None)
     size, size_kind = adapter_bytes(built.model, is_peft=built.is_peft)
     return {
-        "status": "ok", "steps": steps, "lr_warmup_steps": lr_warmup_steps(spec, steps), "eval_split": split, "n_train": len(splits.train["input_ids"]),
+        "status": "ok", "steps": steps, "lr_warmup_steps": ramp, "eval_split": split,
+        "n_train": len(splits.train["input_ids"]),
         "n_eval": len(getattr(splits, split)["input_ids"]),
         **{f"{split}_{k}": v for k, v in metrics.items()},
         "trainable_params": total, "trainable_params_no_head": no_head,
