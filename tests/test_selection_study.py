@@ -170,3 +170,25 @@ def test_a_budget_multiple_sets_lora_rank_and_gets_its_own_table_section():
         pass
     else:
         raise AssertionError("a multiple that is not a whole LoRA rank must be refused")
+
+
+def test_the_lora_hybrid_probe_trains_blocks_and_a_low_rank_part_at_loras_count():
+    import torch
+    from harness import methods
+    from harness.profiles import PROFILES
+    from harness.tasks import make_task, trim_padding
+    from mftc_peft.training import iterate_batches, train_steps
+
+    task = make_task("lm", PROFILES["smoke"].settings["lm"], tiny=True)
+    splits = task.splits()
+    batches = lambda seed: map(trim_padding, iterate_batches(splits.train, 4, seed=seed, epochs=None))  # noqa: E731
+    budget = methods.lora_budget(task)
+    ctx = methods.Context(task=task, seed=0, steps=2, device=torch.device("cpu"), lora_budget=budget,
+                          match_budget=budget, warmup_batches=lambda: batches(1), mftc_overrides={"block_size": 8})
+    built = methods.build("mftc_lora_hybrid", task.load_model(0), ctx)
+    trainable = {n: p for n, p in built.model.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for p in trainable.values()) <= budget
+    assert sum(p.numel() for n, p in trainable.items() if ".lora_" in n) == budget // 2
+    train_steps(built.model, batches(0), lr=1e-2, steps=2)
+    moved = lambda part: sum(float(p.detach().abs().sum()) for n, p in trainable.items() if part in n)  # noqa: E731
+    assert moved("lora_B") > 0 and moved("mftc_delta") > 0  # both parts learn (B starts at 0)
