@@ -157,3 +157,13 @@ def make_grid(
         if length % head_dim == 0:
             width = head_dim
     return BlockGrid(axis=axis, in_features=in_features, out_features=out_features, width=width)
+
+
+def move_lines(tensor: torch.Tensor, source: torch.Tensor, *, fill: float) -> None:
+    """In place: line i of `tensor` becomes old line `source[i]`, or `fill` where `source[i]` is -1 (a new block).
+    Used for a delta, its step scales and any optimiser state of the delta's shape."""
+    kept = (source >= 0).to(tensor.device)
+    with torch.no_grad():
+        moved = torch.full_like(tensor, fill)
+        moved[kept] = tensor[source.to(tensor.device)[kept]]
+        tensor.copy_(moved)

@@ -4,7 +4,9 @@ A checkpoint holds, per layer and adapter, the block ids (`mftc_idx`), the delta
 (`mftc_scale`) and the geometry of the weight it was cut from (`mftc_geometry`: out features, in features, block
 width, block axis). Loading checks that they agree with each other, with the base model's weight and, when the
 adapter's config lists a selection, with that selection; otherwise a different base model or an edited
-`adapter_config.json` would load silently and train other blocks than the config says.
+`adapter_config.json` would load silently and train other blocks than the config says. An adapter with a low-rank
+part (`MFTCConfig.low_rank`) also holds its factors (`mftc_lora_A`, `mftc_lora_B`), whose presence and shapes must
+agree with the config's rank.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ def describe_geometry(values) -> str:
 
 
 PARTS = ("idx", "delta", "scale", "geometry")
+
+
+def geometry_is_optional(module, incompatible_keys) -> None:
+    """A load_state_dict post-hook: checkpoints saved before `mftc_geometry` existed lack it, which is not a missing
+    adapter weight (they load as before)."""
+    missing = incompatible_keys.missing_keys
+    missing[:] = [key for key in missing if ".mftc_geometry." not in key]
 
 
 def saved_key(prefix: str, part: str, adapter_name: str) -> str:
@@ -100,3 +109,42 @@ def _check_shape(key: str, tensor, expected: tuple, module: str, grid: BlockGrid
         f"checkpoint {key} must have shape {expected} for block ids {ids!r} of {module} "
         f"({describe_geometry(grid_geometry(grid))}), got {tuple(tensor.shape)}: {SHAPE_HINT}, or the file is damaged"
     )
+
+
+def check_saved_low_rank(prefix: str, adapter_name: str, expected: Optional[dict], tensors: dict, *,
+                         saved_blocks: bool) -> None:
+    """Validate one adapter's saved low-rank factors for the layer at `prefix`.
+
+    `expected` maps the parts ('lora_A', 'lora_B') to the shapes the adapter's config (its `low_rank`) gives this
+    layer, or is None when the config has none; `tensors` maps them to the saved tensors (None: absent).
+    `saved_blocks` says whether the checkpoint holds this adapter's blocks for the layer: then it covers the layer,
+    and missing factors mean the config and the file disagree (not a file of another adapter).
+    """
+    module = prefix.rstrip(".")
+    found = {part: tensor for part, tensor in tensors.items() if tensor is not None}
+    if expected is None:
+        if found:
+            part, tensor = next(iter(found.items()))
+            raise ValueError(
+                f"checkpoint {saved_key(prefix, part, adapter_name)} holds a low-rank part (shape "
+                f"{tuple(tensor.shape)}) for {module}, but the adapter's config has low_rank=0: the config and the "
+                "saved tensors disagree; restore the config the adapter was saved with (its `low_rank`)"
+            )
+        return
+    if not found and not saved_blocks:
+        return  # the checkpoint holds nothing of this adapter for this layer
+    (rank, in_features), (out_features, _) = expected["lora_A"], expected["lora_B"]
+    for part, shape in expected.items():
+        key, tensor = saved_key(prefix, part, adapter_name), found.get(part)
+        if tensor is None:
+            raise ValueError(
+                f"checkpoint has no {key}, but the adapter's config has low_rank={rank}, which needs it with shape "
+                f"{shape} for {module}: the config and the saved tensors disagree; restore the config the adapter "
+                "was saved with (its `low_rank`)"
+            )
+        if tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"checkpoint {key} must have shape {shape} (low_rank={rank} of the adapter's config, for {module}, "
+                f"a {out_features} x {in_features} weight), got {tuple(tensor.shape)}: the config's `low_rank` and "
+                f"the saved tensors disagree, or {SHAPE_HINT}"
+            )

@@ -11,7 +11,9 @@ from peft.config import PeftConfig
 from . import defaults
 from .allocation import ALLOCATIONS, DEFAULT_QUOTA_ROUNDING, FFN_COUPLINGS, QUOTA_ROUNDINGS
 from .blocks import AXIS_CHOICES
-from .checks import check_bool, check_choice, check_int, check_names, check_range, check_regex, is_int, is_real
+from .checks import (
+    check_bool, check_choice, check_int, check_names, check_positive_number, check_range, check_regex, is_int, is_real,
+)
 from .graph import SIMILARITIES
 from .probes import BLOCK_SCORES, PROBES
 from .registry import mftc_peft_type
@@ -260,6 +262,25 @@ class MFTCConfig(PeftConfig):
         default=0.0,
         metadata={"help": "lambda >= 0: adds lambda * tr(Delta^T L Delta) over the block graph to the loss."},
     )
+    # ----- a low-rank part next to the blocks (off by default) -----
+    low_rank: int = field(
+        default=0,
+        metadata={
+            "help": "Rank r of a low-rank update scaling * B @ A added to every target weight next to its blocks "
+            "(RoSA, Nikdan et al. 2024; A: r x in, initialised as PEFT LoRA's, B: out x r, zeros); 0: off. Its "
+            "r * (in + out) elements per weight come out of `budget`: the warm-up selects blocks for the rest, and "
+            "refuses a low-rank part larger than the budget. Step scales, reselection and spectral coordination act "
+            "on the blocks only. Merging keeps a copy of each whole target weight per merged adapter (without a "
+            "low-rank part: only the replaced lines), so that unmerge restores it bit-exactly."
+        },
+    )
+    low_rank_alpha: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "low_rank > 0 only. Numerator of the low-rank part's scaling alpha / r; None means 2 * low_rank "
+            "(scaling 2, as the benchmarks' LoRA with alpha = 2r)."
+        },
+    )
 
     @classmethod
     def check_kwargs(cls, **kwargs):
@@ -333,6 +354,7 @@ class MFTCConfig(PeftConfig):
         check_range("max_node_share", self.max_node_share, 0.5, float("inf"), "a number >= 0.5")
         check_range("spectral_filter", self.spectral_filter, 0.0, 1.0, "in [0, 1)")
         check_range("spectral_reg", self.spectral_reg, 0.0, float("inf"), "a number >= 0")
+        _check_low_rank(self)
         check_range("confidence", self.confidence, 0.0, float("inf"), "a number >= 0")
         check_int("head_warmup_steps", self.head_warmup_steps, minimum=0)
         if not (is_real(self.head_warmup_lr) and self.head_warmup_lr > 0):
@@ -377,6 +399,16 @@ def _check_ffn_coupling(config) -> None:
         raise ValueError(f"`ffn_coupling={config.ffn_coupling!r}` needs block_axis='auto' (FFN producers cut along "
                          f"'out', the consumer along 'in', so a neuron group has one block id in all of them), got "
                          f"block_axis={config.block_axis!r}")
+
+
+def _check_low_rank(config) -> None:
+    check_int("low_rank", config.low_rank, minimum=0)
+    if config.low_rank_alpha is None:
+        return
+    if config.low_rank == 0:
+        raise ValueError(f"`low_rank_alpha` only applies with low_rank > 0 (it scales the low-rank part), got "
+                         f"low_rank_alpha={config.low_rank_alpha!r} with low_rank=0")
+    check_positive_number("low_rank_alpha", config.low_rank_alpha)
 
 
 def _check_module_fields(config) -> None:

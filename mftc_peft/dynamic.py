@@ -24,8 +24,8 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import torch
 
+from .blocks import move_lines
 from .checks import is_real
-from .layer import move_lines
 from .measure import weight_gradients_only
 from .model import mftc_tuner
 from .signatures import SignatureCollector

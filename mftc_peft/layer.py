@@ -4,6 +4,7 @@ Per adapter the layer holds one dense tensor with the selected blocks' lines (`m
 (selected rows or columns, length of the other axis)) and their block ids (`mftc_idx`, a persistent int32 buffer).
 The forward adds `x @ delta.T` into the selected output features ("out" blocks) or `x[..., selected columns] @ delta`
 ("in" blocks); it never builds a full-size weight, so gradients and optimiser state are as small as the selection.
+An adapter may also hold a low-rank part on the whole weight (`mftc_lora_A`, `mftc_lora_B`; `low_rank.py`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ._compat import freeze_empty, move_keeping_integers
-from .blocks import BlockGrid
-from .checkpoint import PARTS, check_saved_layer, grid_geometry, saved_key
+from .blocks import BlockGrid, move_lines
+from .checkpoint import (
+    PARTS, check_saved_layer, check_saved_low_rank, geometry_is_optional, grid_geometry, saved_key,
+)
+from .low_rank import LOW_RANK_NAMES, LOW_RANK_PARTS, LowRankPart, keep_entries
 
 SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)
 # Scale of the random deltas that `init_weights=False` draws, so that tests can tell an adapter from the base model.
@@ -43,9 +47,10 @@ def quantized_weight_error(base: nn.Module) -> Optional[str]:
     )
 
 
-class MFTCLayer(BaseTunerLayer):
-    adapter_layer_names = ("mftc_delta",)
-    other_param_names = ("mftc_idx", "mftc_scale", "mftc_geometry")
+class MFTCLayer(LowRankPart, BaseTunerLayer):
+    adapter_layer_names = ("mftc_delta", *LOW_RANK_NAMES)
+    other_param_names = ("mftc_idx", "mftc_scale", "mftc_geometry", "mftc_low_rank_scaling")
+    random_init_std = RANDOM_INIT_STD
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -56,8 +61,10 @@ class MFTCLayer(BaseTunerLayer):
         # The weight shape and block grid the ids refer to, saved so that a different base model is refused on load.
         self.mftc_geometry = BufferDict({}, persistent=True)
         self.mftc_grid: dict[str, BlockGrid] = {}
-        # Weight lines an adapter's merge replaced, so that unmerge restores them bit-exactly (not by subtraction).
-        self._mftc_replaced: dict[str, torch.Tensor] = {}
+        self._init_low_rank()  # the optional low-rank part (`low_rank.py`), only for adapters with one
+        # (positions, what an adapter's merge replaced there; positions None: the whole weight, for a low-rank part),
+        # so that unmerge restores the weight bit-exactly (not by subtraction).
+        self._mftc_replaced: dict[str, tuple[Optional[torch.Tensor], torch.Tensor]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.frozen_peft_weight_names = {}
@@ -121,13 +128,21 @@ class MFTCLayer(BaseTunerLayer):
         else:
             # An empty delta never receives a gradient; leaving it trainable would break DistributedDataParallel.
             self.frozen_peft_weight_names[adapter_name] = ("mftc_delta",)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self._move_only(adapter_name, ("mftc_delta", "mftc_idx", "mftc_scale", "mftc_geometry"))
         if kept_dtype is not None:
             # PEFT upcasts a new adapter once, after injecting it (`autocast_adapter_dtype`, fp32 on a bf16 base); a
             # delta re-created later (warm-up, set_block_selection, a checkpoint's shapes) keeps the dtype that cast
             # or the user gave the old one, where the move above would give it the base's.
             self._set_adapter_dtype(adapter_name, delta, scale, kept_dtype)
         self.set_adapter(self.active_adapters)
+
+    def _move_only(self, adapter_name: str, names: Sequence[str]) -> None:
+        """PEFT's move of the adapter to its base layer's device and dtype, for the containers `names` only: the
+        others keep their very tensors (re-creating the blocks must not round the low-rank factors to a bf16 base's
+        dtype, nor replace Parameters an optimiser holds; and the reverse)."""
+        others = [n for n in (*self.adapter_layer_names, *self.other_param_names) if n not in names]
+        keep_entries({n: getattr(self, n) for n in others}, adapter_name,
+                     lambda: self._move_adapter_to_device_of_base_layer(adapter_name))
 
     def _set_adapter_dtype(self, adapter_name: str, delta: torch.Tensor, scale: torch.Tensor | None,
                            dtype: torch.dtype) -> None:
@@ -252,17 +267,34 @@ class MFTCLayer(BaseTunerLayer):
             return None
         weight = self.get_base_layer().weight.data.clone()
         for adapter_name in names:
-            positions = self._positions(adapter_name).to(weight.device)
-            new_lines = self._merged_lines(weight, adapter_name, positions)
-            if not torch.isfinite(new_lines.to(weight.dtype)).all():  # as written: fp32 sums can overflow fp16
+            positions, _, new = self._merge_parts(weight, adapter_name)
+            if not torch.isfinite(new.to(weight.dtype)).all():  # as written: fp32 sums can overflow fp16
                 return adapter_name
-            self._write_lines(weight, adapter_name, positions, new_lines)
+            self._write_merge(weight, adapter_name, positions, new)
         return None
 
     def _merged_lines(self, weight: torch.Tensor, adapter_name: str, positions: torch.Tensor) -> torch.Tensor:
         """Base lines plus the delta, added in the delta's dtype (fp32 on a bf16 base); written in the base's."""
         delta = self.applied_delta(adapter_name).detach()
         return self._read_lines(weight, adapter_name, positions).to(delta.dtype) + delta
+
+    def _merge_parts(self, weight: torch.Tensor, adapter_name: str):
+        """(positions, what the merge replaces, what it writes there): the selected lines, or, with a low-rank part,
+        the whole weight (positions None; base + scaling * B @ A + the block lines, summed in the factors' dtype)."""
+        positions = self._positions(adapter_name).to(weight.device)
+        if adapter_name not in self.mftc_lora_A:
+            return positions, self._read_lines(weight, adapter_name, positions), self._merged_lines(
+                weight, adapter_name, positions)
+        full = self._dense_low_rank(adapter_name).detach()
+        full = weight.to(full.dtype) + full
+        self._write_lines(full, adapter_name, positions, self._merged_lines(full, adapter_name, positions))
+        return None, weight, full
+
+    def _write_merge(self, weight: torch.Tensor, adapter_name: str, positions: Optional[torch.Tensor], values) -> None:
+        if positions is None:
+            weight.copy_(values)  # copy_ casts to the weight's dtype
+        else:
+            self._write_lines(weight, adapter_name, positions, values)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
@@ -273,11 +305,10 @@ class MFTCLayer(BaseTunerLayer):
         for adapter_name in adapter_names:
             if adapter_name not in self.mftc_delta:
                 continue
-            positions = self._positions(adapter_name).to(weight.device)
-            old_lines = self._read_lines(weight, adapter_name, positions)
-            new_lines = self._merged_lines(weight, adapter_name, positions)
-            self._mftc_replaced[adapter_name] = old_lines.clone()
-            self._write_lines(weight, adapter_name, positions, new_lines)
+            positions, old, new = self._merge_parts(weight, adapter_name)
+            # a low-rank part changes every element: the whole weight is kept (its memory, per merged adapter)
+            self._mftc_replaced[adapter_name] = (positions, old.clone())
+            self._write_merge(weight, adapter_name, positions, new)
             self.merged_adapters.append(adapter_name)
 
     def unmerge(self) -> None:
@@ -287,44 +318,31 @@ class MFTCLayer(BaseTunerLayer):
         weight = self.get_base_layer().weight.data
         while self.merged_adapters:  # newest first, so overlapping blocks come back to the oldest values
             adapter_name = self.merged_adapters.pop()
-            old_lines = self._mftc_replaced.pop(adapter_name, None)
-            if old_lines is None:
-                continue
-            positions = self._positions(adapter_name).to(weight.device)
-            self._write_lines(weight, adapter_name, positions, old_lines)
+            replaced = self._mftc_replaced.pop(adapter_name, None)
+            if replaced is not None:
+                self._write_merge(weight, adapter_name, *replaced)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter's update as a dense tensor in the base weight's layout. For tests and diagnostics only."""
         weight = self.get_base_layer().weight
         delta = self.applied_delta(adapter_name)
-        dense = torch.zeros(weight.shape, dtype=delta.dtype, device=delta.device)
-        self._write_lines(dense, adapter_name, self._positions(adapter_name).to(delta.device), delta)
+        positions = self._positions(adapter_name).to(delta.device)
+        if adapter_name in self.mftc_lora_A:
+            dense = self._dense_low_rank(adapter_name).to(delta.dtype)
+        else:
+            dense = torch.zeros(weight.shape, dtype=delta.dtype, device=delta.device)
+        self._write_lines(dense, adapter_name, positions, self._read_lines(dense, adapter_name, positions) + delta)
         return dense
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        # Blocks are not a low-rank product, with or without a low-rank part next to them.
         return False
-
-
-def move_lines(tensor: torch.Tensor, source: torch.Tensor, *, fill: float) -> None:
-    """In place: line i of `tensor` becomes old line `source[i]`, or `fill` where `source[i]` is -1 (a new block).
-    Used for a delta, its step scales and any optimiser state of the delta's shape."""
-    kept = (source >= 0).to(tensor.device)
-    with torch.no_grad():
-        moved = torch.full_like(tensor, fill)
-        moved[kept] = tensor[source.to(tensor.device)[kept]]
-        tensor.copy_(moved)
 
 
 def _layer_generator(seed: int, adapter_name: str, grid: BlockGrid, ids: Sequence[int]) -> torch.Generator:
     """A generator that differs per layer and adapter but not per process (Python's `hash` is salted)."""
     key = f"{seed}|{adapter_name}|{grid}|{list(ids)}".encode()
     return torch.Generator().manual_seed(zlib.crc32(key))
-
-
-def _geometry_is_optional(module, incompatible_keys) -> None:
-    """Checkpoints saved before `mftc_geometry` existed lack it: not a missing adapter weight (load as before)."""
-    missing = incompatible_keys.missing_keys
-    missing[:] = [key for key in missing if ".mftc_geometry." not in key]
 
 
 class Linear(nn.Module, MFTCLayer):
@@ -344,7 +362,7 @@ class Linear(nn.Module, MFTCLayer):
     ) -> None:
         super().__init__()
         MFTCLayer.__init__(self, base_layer, **kwargs)
-        self.register_load_state_dict_post_hook(_geometry_is_optional)
+        self.register_load_state_dict_post_hook(geometry_is_optional)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, grid, block_ids, init_weights=init_weights, seed=seed, step_scales=step_scales)
 
@@ -356,7 +374,7 @@ class Linear(nn.Module, MFTCLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
-        return self._add_block_updates(x, result)
+        return self._add_low_rank_updates(x, self._add_block_updates(x, result))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
         # Selections are data-dependent: take each adapter's shapes from the checkpoint before the copy, after checking
@@ -367,6 +385,9 @@ class Linear(nn.Module, MFTCLayer):
             listed = self._mftc_listed.get(adapter_name, False)
             ids = check_saved_layer(prefix, adapter_name, self.mftc_grid[adapter_name], tensors,
                                     config_ids=self.block_ids(adapter_name) if listed else None)
+            check_saved_low_rank(prefix, adapter_name, self._low_rank_shapes(adapter_name),
+                                 {part: state_dict.get(saved_key(prefix, part, adapter_name)) for part in LOW_RANK_PARTS},
+                                 saved_blocks=tensors["idx"] is not None)
             if ids is not None and ids != self.block_ids(adapter_name):
                 self._resize_to_checkpoint(adapter_name, ids)
             scale = tensors["scale"]
@@ -385,6 +406,7 @@ class Linear(nn.Module, MFTCLayer):
         self._mftc_wants_grad[adapter_name] = wanted  # update_layer re-activates; the intent stays what it was
         new = self.mftc_delta[adapter_name]
         new.requires_grad_(wanted and new.numel() > 0)
+        self._set_low_rank_requires_grad(adapter_name, wanted)  # update_layer's set_adapter made them trainable
 
     def __repr__(self) -> str:
         return "mftc." + super().__repr__()

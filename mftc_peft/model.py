@@ -17,6 +17,7 @@ from .blocks import BlockGrid, make_grid
 from .checks import is_real
 from .config import MFTCConfig
 from .layer import SUPPORTED_LAYER_TYPES, Linear, MFTCLayer, quantized_weight_error
+from .low_rank import LOW_RANK_NAMES
 
 _BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 _LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -94,11 +95,15 @@ class MFTCModel(BaseTuner):
         if config.step_scale != "none":
             # Placeholders, so that a saved adapter's scales have a buffer to load into (the warm-up sets real ones).
             options["step_scales"] = [1.0] * len(block_ids)
+        low_rank = {"alpha": config.low_rank_alpha, "init_weights": config.init_weights, "seed": config.seed,
+                    "module_name": current_key}
         if isinstance(target, MFTCLayer):
             target.update_layer(adapter_name, grid, block_ids, **options)
+            target.update_low_rank(adapter_name, config.low_rank, **low_rank)
             target.record_selection_listed(adapter_name, bool(config.block_selection))
             return
         new_module = Linear(target, adapter_name, grid, block_ids, **options)
+        new_module.update_low_rank(adapter_name, config.low_rank, **low_rank)
         new_module.record_selection_listed(adapter_name, bool(config.block_selection))
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until it is set active
@@ -223,8 +228,15 @@ class MFTCModel(BaseTuner):
             layer.record_selection_listed(adapter_name, bool(config.block_selection))
 
     def selected_numel(self, adapter_name: str | None = None) -> int:
+        """Trainable elements of the adapter's blocks (its low-rank part, if any, is `low_rank_numel`)."""
         adapter_name = adapter_name or self.active_adapters[0]
         return sum(layer.mftc_delta[adapter_name].numel() for _, layer in self.mftc_layers(adapter_name))
+
+    def low_rank_numel(self, adapter_name: str | None = None) -> int:
+        """Trainable elements of the adapter's low-rank part: r * (in + out) per target weight; 0 without one."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        return sum(getattr(layer, name)[adapter_name].numel() for _, layer in self.mftc_layers(adapter_name)
+                   for name in LOW_RANK_NAMES if adapter_name in getattr(layer, name))
 
 
 def mftc_tuner(peft_model) -> MFTCModel:

@@ -28,7 +28,9 @@ class WarmupReport:
     Attributes
     ----------
     selection : module name -> selected block ids (what the adapter now trains).
-    trainable_elements / budget_elements : selected delta elements and the budget they had to fit.
+    trainable_elements / budget_elements : selected delta elements and the budget they had to fit (what the
+        low-rank part, if any, left of the config's `budget`).
+    low_rank_elements : elements of the adapter's low-rank part (`low_rank`), trained next to the blocks; 0 without.
     target_elements : elements of all target weights (the denominator of a float budget).
     nodes : (module name, block id) of every block, in the order of `labels` and the graph.
     labels : DSCA module label of every block after the last update.
@@ -58,6 +60,7 @@ class WarmupReport:
     selected_blocks: list[dict] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     step_scales: dict | None = None
+    low_rank_elements: int = 0
 
     def attach_graph(self, affinity) -> None:
         """Keep the block graph (scipy sparse, rows = `nodes`) for spectral coordination; it is not written to JSON."""
@@ -91,6 +94,8 @@ class WarmupReport:
             f"selected {sum(map(len, self.selection.values()))} blocks in {len(self.selection)} weights: "
             f"{self.trainable_elements:,} trainable elements (budget {self.budget_elements:,}, "
             f"{100 * self.trainable_elements / max(self.target_elements, 1):.2f}% of the target weights)",
+            *([f"plus a low-rank part of {self.low_rank_elements:,} trainable elements"] if self.low_rank_elements
+              else []),
             "per layer: " + ", ".join(f"{layer}: {count:,}" for layer, count in sorted(per_layer.items())),
         ]
         if self.solver:

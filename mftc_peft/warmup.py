@@ -19,6 +19,7 @@ import torch
 
 from .allocation import DEFAULT_QUOTA_ROUNDING, proportional_selection
 from .context import WarmupRun
+from .low_rank import blocks_budget
 from .measure import BlockMeasurement, measure
 from .model import mftc_tuner
 from .predictor import AdditiveModel, models_from_probes
@@ -93,10 +94,14 @@ def compute_selection(
     config.check_search_fields_unused()  # before any pass: the config may have changed since it was built
     run = WarmupRun(peft_model, adapter_name, config, compute_loss=compute_loss, progress=progress,
                     timings={} if timings is None else timings)
-    measurement = measure(run, train_dataloader, eval_dataloader)
     grids = tuner.block_grids(adapter_name)
     target_elements = sum(g.in_features * g.out_features for g in grids.values())
-    budget = budget_elements(run.config.budget, target_elements)
+    # The low-rank part (if any) trains on every target weight whatever is selected: the blocks get what it leaves.
+    # Checked before any pass, so that a refused budget costs nothing.
+    low_rank = tuner.low_rank_numel(adapter_name)
+    budget = blocks_budget(budget_elements(run.config.budget, target_elements), low_rank,
+                           low_rank=run.config.low_rank, budget=run.config.budget)
+    measurement = measure(run, train_dataloader, eval_dataloader)
     if run.config.allocation == "proportional":
         # No module search: the weights' sizes fix where the budget goes, energy which blocks (`allocation.py`).
         space = result = gain_model = loss_model = None
@@ -117,6 +122,7 @@ def compute_selection(
         selection=selection, measurement=measurement, space=space, result=result, gain_model=gain_model,
         loss_model=loss_model, grids=grids, budget=budget, target_elements=target_elements, config=run.config,
     )
+    report.low_rank_elements = low_rank
     if run.config.step_scale == "energy":
         report.step_scales = energy_step_scales(measurement.table, selection, power=run.config.step_scale_power)
     return selection, report
