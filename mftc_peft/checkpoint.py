@@ -32,6 +32,7 @@ def describe_geometry(values) -> str:
 
 
 PARTS = ("idx", "delta", "scale", "geometry")
+LOW_RANK_PARTS = ("lora_A", "lora_B")  # the factors of an adapter with a low-rank part (`low_rank.py`)
 
 
 def geometry_is_optional(module, incompatible_keys) -> None:
@@ -111,40 +112,49 @@ def _check_shape(key: str, tensor, expected: tuple, module: str, grid: BlockGrid
     )
 
 
-def check_saved_low_rank(prefix: str, adapter_name: str, expected: Optional[dict], tensors: dict, *,
-                         saved_blocks: bool) -> None:
-    """Validate one adapter's saved low-rank factors for the layer at `prefix`.
+def check_saved_low_rank(state_dict, prefix: str, adapter_name: str, expected: Optional[dict]) -> None:
+    """Validate one adapter's saved low-rank factors for the layer at `prefix` in `state_dict` (as it is loaded).
 
     `expected` maps the parts ('lora_A', 'lora_B') to the shapes the adapter's config (its `low_rank`) gives this
-    layer, or is None when the config has none; `tensors` maps them to the saved tensors (None: absent).
-    `saved_blocks` says whether the checkpoint holds this adapter's blocks for the layer: then it covers the layer,
-    and missing factors mean the config and the file disagree (not a file of another adapter).
+    layer, or is None when the config has none. Factors are looked for only where the state dict holds this adapter's
+    blocks for the layer: then it covers the layer, and missing factors mean the config and the file disagree (not a
+    file of another adapter).
     """
+    if saved_key(prefix, "idx", adapter_name) not in state_dict:
+        return
     module = prefix.rstrip(".")
-    found = {part: tensor for part, tensor in tensors.items() if tensor is not None}
+    found = {part: key for part in LOW_RANK_PARTS
+             if (key := _factor_key(state_dict, prefix, part, adapter_name)) is not None}
     if expected is None:
         if found:
-            part, tensor = next(iter(found.items()))
+            key = next(iter(found.values()))
             raise ValueError(
-                f"checkpoint {saved_key(prefix, part, adapter_name)} holds a low-rank part (shape "
-                f"{tuple(tensor.shape)}) for {module}, but the adapter's config has low_rank=0: the config and the "
-                "saved tensors disagree; restore the config the adapter was saved with (its `low_rank`)"
+                f"checkpoint {key} holds a low-rank part (shape {tuple(state_dict[key].shape)}) for {module}, but the "
+                "adapter's config has low_rank=0: the config and the saved tensors disagree; restore the config the "
+                "adapter was saved with (its `low_rank`)"
             )
         return
-    if not found and not saved_blocks:
-        return  # the checkpoint holds nothing of this adapter for this layer
     (rank, in_features), (out_features, _) = expected["lora_A"], expected["lora_B"]
     for part, shape in expected.items():
-        key, tensor = saved_key(prefix, part, adapter_name), found.get(part)
-        if tensor is None:
+        key = found.get(part)
+        if key is None:
             raise ValueError(
-                f"checkpoint has no {key}, but the adapter's config has low_rank={rank}, which needs it with shape "
-                f"{shape} for {module}: the config and the saved tensors disagree; restore the config the adapter "
-                "was saved with (its `low_rank`)"
+                f"checkpoint has no {saved_key(prefix, part, adapter_name)}, but the adapter's config has "
+                f"low_rank={rank}, which needs it with shape {shape} for {module}: the config and the saved tensors "
+                "disagree; restore the config the adapter was saved with (its `low_rank`)"
             )
-        if tuple(tensor.shape) != shape:
+        if tuple(state_dict[key].shape) != shape:
             raise ValueError(
                 f"checkpoint {key} must have shape {shape} (low_rank={rank} of the adapter's config, for {module}, "
-                f"a {out_features} x {in_features} weight), got {tuple(tensor.shape)}: the config's `low_rank` and "
-                f"the saved tensors disagree, or {SHAPE_HINT}"
+                f"a {out_features} x {in_features} weight), got {tuple(state_dict[key].shape)}: the config's "
+                f"`low_rank` and the saved tensors disagree, or {SHAPE_HINT}"
             )
+
+
+def _factor_key(state_dict, prefix: str, part: str, adapter_name: str) -> Optional[str]:
+    """Where a saved factor is: under the adapter's name, or, where the layer has no such tensor, as the file holds
+    it (PEFT >= 0.21 adds the adapter name only to keys the model has, and passes the others through)."""
+    for key in (saved_key(prefix, part, adapter_name), f"{prefix}mftc_{part}"):
+        if key in state_dict:
+            return key
+    return None

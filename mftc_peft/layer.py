@@ -25,7 +25,7 @@ from .blocks import BlockGrid, move_lines
 from .checkpoint import (
     PARTS, check_saved_layer, check_saved_low_rank, geometry_is_optional, grid_geometry, saved_key,
 )
-from .low_rank import LOW_RANK_NAMES, LOW_RANK_PARTS, LowRankPart, keep_entries
+from .low_rank import LOW_RANK_NAMES, LowRankPart, keep_entries
 
 SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)
 # Scale of the random deltas that `init_weights=False` draws, so that tests can tell an adapter from the base model.
@@ -385,9 +385,7 @@ class Linear(nn.Module, MFTCLayer):
             listed = self._mftc_listed.get(adapter_name, False)
             ids = check_saved_layer(prefix, adapter_name, self.mftc_grid[adapter_name], tensors,
                                     config_ids=self.block_ids(adapter_name) if listed else None)
-            check_saved_low_rank(prefix, adapter_name, self._low_rank_shapes(adapter_name),
-                                 {part: state_dict.get(saved_key(prefix, part, adapter_name)) for part in LOW_RANK_PARTS},
-                                 saved_blocks=tensors["idx"] is not None)
+            check_saved_low_rank(state_dict, prefix, adapter_name, self._low_rank_shapes(adapter_name))
             if ids is not None and ids != self.block_ids(adapter_name):
                 self._resize_to_checkpoint(adapter_name, ids)
             scale = tensors["scale"]

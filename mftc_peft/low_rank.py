@@ -16,9 +16,7 @@ from typing import Callable, Mapping, MutableMapping, Optional
 import torch
 from torch import nn
 
-# The layer's containers of the factors; the saved tensors' parts (`checkpoint.saved_key`) drop the "mftc_".
-LOW_RANK_NAMES = ("mftc_lora_A", "mftc_lora_B")
-LOW_RANK_PARTS = ("lora_A", "lora_B")
+LOW_RANK_NAMES = ("mftc_lora_A", "mftc_lora_B")  # the layer's containers of the factors
 ALPHA_PER_RANK = 2  # alpha = 2r, so scaling = alpha / r = 2: the benchmark's LoRA
 
 
