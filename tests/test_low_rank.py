@@ -19,7 +19,7 @@ from test_warmup import assert_same_state, state, token_batches, warm_model
 from tiny_models import CASES, CASES_BY_NAME, outputs
 
 import mftc_peft
-from mftc_peft import MFTCConfig, MFTCLayer
+from mftc_peft import MFTCConfig, MFTCLayer, WarmupReport
 
 RANK = 2
 DEFAULT_SCALING = 2.0  # alpha None = 2r
@@ -74,7 +74,7 @@ def test_default_adds_no_tensors(case, tmp_path):
 
 
 # ----- (b) the budget ------------------------------------------------------------------------------------------
-def test_warmup_takes_the_low_rank_part_out_of_the_budget():
+def test_warmup_takes_the_low_rank_part_out_of_the_budget(tmp_path):
     batches = token_batches(6, causal=True)
     _, model = warm_model("llama_gqa", budget=12_000, low_rank=RANK)
     grids = model.base_model.block_grids()
@@ -86,6 +86,8 @@ def test_warmup_takes_the_low_rank_part_out_of_the_budget():
     assert report.trainable_elements + report.low_rank_elements <= 12_000
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == report.trainable_elements + low_rank
+    assert f"plus a low-rank part of {low_rank:,} trainable elements" in report.summary()
+    assert WarmupReport.from_json(report.to_json(tmp_path / "report.json")).low_rank_elements == low_rank
     # B starts at zero, so the gradients are those without the part: the blocks are those of the smaller budget
     _, plain = warm_model("llama_gqa", budget=12_000 - low_rank)
     assert mftc_peft.warmup(plain, batches, progress=False).selection == report.selection
