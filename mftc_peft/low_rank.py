@@ -1,10 +1,13 @@
-"""The optional low-rank part of an MFTC adapter (`MFTCConfig.low_rank`): pure helpers for its two factors.
+"""The optional low-rank part of an MFTC adapter (`MFTCConfig.low_rank`): pure helpers for its two factors, and
+`LowRankPart`, the layer mixin that holds them.
 
 RoSA (Nikdan et al., 2024) trains a sparse part together with a LoRA-like low-rank part at one total count. With
 `low_rank = r > 0` every target weight W (out x in) of the adapter gets `scaling * B @ A` next to its blocks:
 A (r x in) starts like PEFT LoRA's A, B (out x r) at zero, both in `nn.Linear` orientation whatever the base layer
 stores (transformers' Conv1D keeps W as (in, out); only the dense form for merging is transposed). The layer
-(`layer.py`) holds the factors as `mftc_lora_A` / `mftc_lora_B`; this module creates, applies and counts them.
+(`layer.py`) holds the factors as `mftc_lora_A` / `mftc_lora_B` through the mixin; this module creates and applies
+them and splits the budget. Step scales, reselection and spectral coordination act on the blocks only; the part is
+never a LoRA to convert to (`supports_lora_conversion` stays False: the blocks are not low-rank).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 from torch import nn
 
 LOW_RANK_NAMES = ("mftc_lora_A", "mftc_lora_B")  # the layer's containers of the factors
-ALPHA_PER_RANK = 2  # alpha = 2r, so scaling = alpha / r = 2: the benchmark's LoRA
+ALPHA_PER_RANK = 2  # alpha = 2r, so scaling = alpha / r = 2: the benchmarks' LoRA
 
 
 def default_alpha(rank: int) -> float:
