@@ -66,11 +66,11 @@ def test_energy_sampling_is_seeded_and_never_prefers_dead_blocks():
 
 def test_study_runs_variants_on_the_validation_split(tmp_path):
     command = [sys.executable, str(BENCHMARKS / "selection_study.py"), "--profile", "smoke", "--variants",
-               "node_share_1,random_blocks,cluster_round_robin,down_only,lora_lr_warmup", "--seeds", "1",
+               "node_share_1,random_blocks,cluster_round_robin,down_only,lora_lr_warmup,low_rank_4", "--seeds", "1",
                "--lr", "1e-3", "--workers", "2", "--out", str(tmp_path)]
     subprocess.run(command, check=True, capture_output=True, env=os.environ | {"HF_HUB_OFFLINE": "1"}, timeout=300)
     records = [json.loads(line) for line in (tmp_path / "selection_study.jsonl").read_text().splitlines()]
-    variants = ["cluster_round_robin", "down_only", "lora_lr_warmup", "node_share_1", "random_blocks"]
+    variants = ["cluster_round_robin", "down_only", "lora_lr_warmup", "low_rank_4", "node_share_1", "random_blocks"]
     assert sorted(r["variant"] for r in records) == variants
     for r in records:
         assert r["status"] == "ok", r.get("reason")
@@ -83,6 +83,10 @@ def test_study_runs_variants_on_the_validation_split(tmp_path):
     assert {key.split(":")[1] for key in down_only["blocks_by_layer_role"]} == {"ffn_in"}
     # a variant's run settings reach the training loop: the ramp's steps (a tenth of 3, at least 1) for that one only
     assert {r["variant"]: r["lr_warmup_steps"] for r in records} == {v: int(v == "lora_lr_warmup") for v in variants}
+    # a low-rank part (rank 4 on every target) trains inside LoRA r=8's count, next to the blocks it leaves room for
+    hybrid = next(r for r in records if r["variant"] == "low_rank_4")
+    assert hybrid["low_rank_elements"] == hybrid["lora_budget"] // 2 and hybrid["selected_blocks"] > 0
+    assert hybrid["low_rank_elements"] < hybrid["trainable_params_no_head"] <= hybrid["lora_budget"]
 
 
 def test_the_down_only_targets_are_the_ffn_down_projections_of_both_lab_models():
@@ -171,24 +175,3 @@ def test_a_budget_multiple_sets_lora_rank_and_gets_its_own_table_section():
     else:
         raise AssertionError("a multiple that is not a whole LoRA rank must be refused")
 
-
-def test_the_lora_hybrid_probe_trains_blocks_and_a_low_rank_part_at_loras_count():
-    import torch
-    from harness import methods
-    from harness.profiles import PROFILES
-    from harness.tasks import make_task, trim_padding
-    from mftc_peft.training import iterate_batches, train_steps
-
-    task = make_task("lm", PROFILES["smoke"].settings["lm"], tiny=True)
-    splits = task.splits()
-    batches = lambda seed: map(trim_padding, iterate_batches(splits.train, 4, seed=seed, epochs=None))  # noqa: E731
-    budget = methods.lora_budget(task)
-    ctx = methods.Context(task=task, seed=0, steps=2, device=torch.device("cpu"), lora_budget=budget,
-                          match_budget=budget, warmup_batches=lambda: batches(1), mftc_overrides={"block_size": 8})
-    built = methods.build("mftc_lora_hybrid", task.load_model(0), ctx)
-    trainable = {n: p for n, p in built.model.named_parameters() if p.requires_grad}
-    assert sum(p.numel() for p in trainable.values()) <= budget
-    assert sum(p.numel() for n, p in trainable.items() if ".lora_" in n) == budget // 2
-    train_steps(built.model, batches(0), lr=1e-2, steps=2)
-    moved = lambda part: sum(float(p.detach().abs().sum()) for n, p in trainable.items() if part in n)  # noqa: E731
-    assert moved("lora_B") > 0 and moved("mftc_delta") > 0  # both parts learn (B starts at 0)

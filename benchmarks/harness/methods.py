@@ -24,7 +24,7 @@ import mftc_peft
 from mftc_peft import MFTCConfig, SpectralCoordinator
 from mftc_peft.training import TrainHooks
 
-from . import hybrid, selections
+from . import selections
 from .profiles import LORA_R
 from .tasks import Task
 
@@ -193,18 +193,8 @@ def build_mftc(model, ctx):
     hooks, info = _reselection(peft_model, ctx)
     return Built(peft_model, setup_seconds=seconds, warmup_seconds=warm, hooks=hooks,
                  info={"budget": ctx.lora_budget, "warmup_timings": report.timings,
-                       "selected_blocks": sum(map(len, report.selection.values()))} | info)
-
-
-def build_mftc_lora_hybrid(model, ctx):
-    """Lab probe (`hybrid.py`): the warm-up's blocks for what a half-rank LoRA leaves of the budget, plus that LoRA."""
-    budget = hybrid.blocks_budget(ctx.lora_budget, ctx.rank)
-    peft_model, seconds = _mftc_model(model, ctx, budget=budget)
-    report, warm = _warmup(peft_model, ctx)
-    seconds += hybrid.add_low_rank(peft_model, ctx.rank)
-    return Built(peft_model, setup_seconds=seconds, warmup_seconds=warm,
-                 info={"budget": budget, "low_rank": hybrid.low_rank_part(ctx.rank), "warmup_timings": report.timings,
-                       "selected_blocks": sum(map(len, report.selection.values()))})
+                       "selected_blocks": sum(map(len, report.selection.values())),
+                       "low_rank_elements": report.low_rank_elements} | info)
 
 
 def _reselection(peft_model, ctx) -> tuple[TrainHooks, dict]:
@@ -327,7 +317,6 @@ BUILDERS = {
     "adamss": build_adamss, "full": build_full, "bias": build_bias, "random_blocks": build_random_blocks,
     "top_energy": build_top_energy, "mftc_no_search": build_mftc_no_search, "mftc_no_cluster": build_mftc_no_cluster,
     "mftc_spectral": build_mftc_spectral,
-    "mftc_lora_hybrid": build_mftc_lora_hybrid,
     **STUDY_BUILDERS,  # benchmarks/selection_study.py only, not in the profiles
 }
 MATCHED_TO_MFTC = ("random_blocks", "top_energy", "mftc_no_search", "mftc_no_cluster")
