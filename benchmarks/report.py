@@ -47,7 +47,8 @@ PROFILE_NOTES = {
     "cpu_budget": "**Budget sweep (issue 16), cpu profile's sizes on 2 CPU cores**: MFTC, LoRA, random blocks and "
                   "SHiRA at 1/4x, 1x and 4x LoRA r=8's trainable count (LoRA r=2/8/32 with alpha = 2r; SHiRA at the "
                   "same rank, which is LoRA's count; MFTC's budget is LoRA's count; random blocks matched to MFTC's), "
-                  "learning rate swept per method and budget on the validation split (first seed, edges extended), "
+                  "learning rate swept per method and budget on the validation split (first seed, edges extended, "
+                  "then one rate between the best and its better neighbour where they are more than 3x apart), "
                   "3 seeds on the test split.",
     "gpu": "**GPU profile**: the protocol's sizes (2,000 training snippets x 3 epochs; 120 language-modelling steps), "
            "every method, learning rate swept per method on the validation split (3 points, first seed, edges "
@@ -94,13 +95,14 @@ def sweep_table(records: list[dict], task: str, budget: float = 1.0) -> list[str
         return ["No learning-rate sweep in this profile: each method used the fixed learning rate shown above "
                 "(recorded with `lr_swept: false`)."]
     picks = {m: runs[0]["lr"] for m in ALL_METHODS if (runs := picked_test_runs(records, task, m, budget))}
-    lines = ["| method | learning rate -> validation metric (* added past the bracket's edge) | pick |",
+    lines = ["| method | learning rate -> validation metric (* added past the bracket's edge, + between two rates) "
+             "| pick |",
              "|---|---|---|"]
     for method in ALL_METHODS:
         runs = sorted((r for r in sweep if r["method"] == method), key=lambda r: r["lr"])
         if runs:
             cells = ", ".join(
-                f"{r['lr']:g}{'*' if r.get('lr_extended') else ''} -> "
+                f"{r['lr']:g}{'*' if r.get('lr_extended') else '+' if r.get('lr_refined') else ''} -> "
                 + (f"{r['val_' + r['metric']]:.4f}" if r.get("status") == "ok" else str(r.get("status")))
                 for r in runs)
             lines.append(f"| {method} | {cells} | {picks.get(method, 'n/a')} |")

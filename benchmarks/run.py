@@ -39,7 +39,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 from harness.profiles import ALL_METHODS, BUDGET_FREE, PROFILES, SMOKE_TWINS, rank_for  # noqa: E402
 from harness.summary import budget_of, record_key  # noqa: E402
-from harness.sweep import best, edge_extension  # noqa: E402
+from harness.sweep import best, edge_extension, refinement  # noqa: E402
 
 RESULTS = BENCHMARKS / "results"
 RECORD_PREFIX = "RECORD "
@@ -202,8 +202,8 @@ def _log(record: dict) -> None:
 # ----------------------------------------------------------------------------------------------------- profile
 def run_unit(task_name: str, budget: float, lora_count: int, methods: list[str], seeds: list[int], profile, args,
              runner: Runner) -> None:
-    """One task at one budget: sweep (first seed, validation split; edges extended), then every seed on the test
-    split with each method's pick.
+    """One task at one budget: sweep (first seed, validation split; edges extended, then a wide spacing around the
+    best refined where the profile asks for it), then every seed on the test split with each method's pick.
 
     Each phase runs in two stages: MFTC and the methods that do not depend on it, then the ablations, which are
     matched to MFTC's trainable count for the same seed and budget. Within a stage runs are independent.
@@ -227,6 +227,12 @@ def run_unit(task_name: str, budget: float, lora_count: int, methods: list[str],
                 rates = {m: (lr,) for m in group if (lr := edge_extension(sweeps[m])) is not None}
                 if not rates:
                     break
+            if profile.refine_ratio:
+                specs = [base | {"phase": "sweep", "method": m, "seed": seeds[0], "lr": lr, "lr_swept": True,
+                                 "lr_refined": True}
+                         for m in group if (lr := refinement(sweeps[m], profile.refine_ratio)) is not None]
+                for spec, record in zip(specs, runner.stage(specs)):
+                    sweeps[spec["method"]].append(record)
         picks = {m: best(records)["lr"] for m, records in sweeps.items()}
     for group in (first, matched):
         runner.stage([base | {"phase": "test", "method": m, "seed": seed, "lr": picks[m], "lr_swept": profile.sweep}

@@ -54,6 +54,46 @@ def test_a_best_rate_on_the_edge_extends_the_bracket_with_its_spacing():
     assert sweep.best([_sweep_record(1e-3, math.nan), _sweep_record(2e-3, 0.6)])["lr"] == 2e-3
 
 
+def test_a_wide_spacing_around_the_best_rate_gets_a_midpoint_towards_the_better_neighbour():
+    # the LM sweep of NOTES 87: LoRA's best, 3e-3, sat between 1e-3 and 1e-2; 5e-3 turned out better still
+    lm = [_sweep_record(1e-3, 41.43, "perplexity"), _sweep_record(3e-3, 38.27, "perplexity"),
+          _sweep_record(1e-2, 40.30, "perplexity")]
+    assert sweep.refinement(lm, max_ratio=3.0) == 0.0055  # sqrt(3e-3 x 1e-2), 2 digits
+    assert sweep.refinement(lm, max_ratio=4.0) is None  # 3.3x apart is fine at this ratio
+    lm[0]["val_perplexity"] = 39.0  # the lower neighbour is now the better one
+    assert sweep.refinement(lm, max_ratio=2.5) == 0.0017
+    assert sweep.refinement(lm + [_sweep_record(1.7e-3, 38.5, "perplexity")], max_ratio=2.5) is None  # 1.8x: done
+    cls = [_sweep_record(2e-3, 0.70), _sweep_record(5e-3, 0.75), _sweep_record(1e-2, 0.72)]
+    assert sweep.refinement(cls, max_ratio=3.0) is None  # 2.5x and 2x apart
+    edge = [_sweep_record(1e-2, 40.0, "perplexity"), _sweep_record(3.33e-2, 39.0, "perplexity")]
+    assert sweep.refinement(edge, max_ratio=3.0) == 0.018  # the best on an edge has one neighbour
+    lonely = [_sweep_record(1e-3, None, status="failed"), _sweep_record(1e-2, 0.6)]
+    assert sweep.refinement(lonely, max_ratio=3.0) is None  # no scored neighbour
+    assert sweep.refinement([_sweep_record(1e-3, None, status="failed")], max_ratio=3.0) is None
+
+
+class _ScriptedRunner:
+    """Stands in for run.py's Runner: every staged spec gets the validation perplexity its rate has in `values`."""
+
+    def __init__(self, values):
+        self.values, self.staged = values, []
+
+    def stage(self, specs):
+        self.staged += specs
+        return [{"lr": s["lr"], "metric": "perplexity", "status": "ok", "val_perplexity": self.values[s["lr"]],
+                 "val_loss": 0.5} for s in specs]
+
+
+def test_the_budget_profile_refines_a_wide_lm_sweep_and_tests_at_the_refined_pick():
+    from argparse import Namespace
+
+    runner = _ScriptedRunner({1e-3: 41.43, 3e-3: 38.27, 1e-2: 40.30, 0.0055: 36.94})
+    args = Namespace(device="cpu", extend_edges=1)
+    _load("run").run_unit("lm", 1.0, 1000, ["lora"], [0, 1], PROFILES["cpu_budget"], args, runner)
+    sweeps = [(s["lr"], bool(s.get("lr_refined"))) for s in runner.staged if s["phase"] == "sweep"]
+    assert sweeps == [(1e-3, False), (3e-3, False), (1e-2, False), (0.0055, True)]
+    assert [(s["seed"], s["lr"]) for s in runner.staged if s["phase"] == "test"] == [(0, 0.0055), (1, 0.0055)]
+
 def test_budget_free_methods_run_once():
     run = _load("run")
     methods = ["mftc", "lora", "full", "bias"]

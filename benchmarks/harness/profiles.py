@@ -131,6 +131,9 @@ class Profile:
     lr_grids: dict | None = None  # per-task, per-method sweep grids (None: the full profile's)
     budgets: tuple[float, ...] = (1.0,)  # multiples of LoRA r=8's trainable count (LoRA r = 8 x multiple)
     extend_edges: int = 0  # times a sweep whose best rate sits on its bracket's edge is extended by one rate
+    # After the edges: one rate between the best and its better neighbour where they are more than this ratio apart
+    # (`sweep.refinement`); None: no refinement
+    refine_ratio: float | None = None
     device: str | None = None  # None: cuda when available, else cpu
 
     def lr_grid(self, task: str, method: str) -> tuple[float, ...]:
@@ -187,6 +190,8 @@ PROFILES = {
         # Issue 16's budget sweep: the cpu profile's sizes, four methods at three budgets, 3 seeds each.
         name="cpu_budget", seeds=3, sweep=True, methods=BUDGET_METHODS, tasks=("cls", "lm"), lr_grids=BUDGET_LR_GRID,
         budgets=BUDGET_MULTIPLES, extend_edges=1, settings=_CPU_SETTINGS,
+        # The LM grids step by 3.3x; the classification ones by at most 2.5x, so only the LM is refined (NOTES 87)
+        refine_ratio=3.0,
     ),
     "cpu_budget_smoke": Profile(
         # The tiny BERT's weights cannot hold 4x LoRA r=8 (SHiRA refuses r=32 on a 32 x 32 weight): 2x is the top.
