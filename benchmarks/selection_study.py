@@ -177,7 +177,8 @@ PROFILE_BRACKETS = {"lab_long": {"search": LONG_BLOCKS, "random_blocks": LONG_BL
                                  "proportional": (1e-3, 2e-3, 5e-3), "systematic": (1e-3, 2e-3, 5e-3),
                                  "reselect_8": (1e-3, 2e-3, 5e-3), "rows_out": (1e-3, 2e-3, 5e-3),
                                  "block_16": (1e-3, 2e-3, 5e-3), "block_8": (1e-3, 2e-3, 5e-3),
-                                 "block_4": (1e-3, 2e-3, 5e-3), "fine_attention": (1e-3, 2e-3, 5e-3)}}
+                                 "block_4": (1e-3, 2e-3, 5e-3), "fine_attention": (1e-3, 2e-3, 5e-3),
+                                 "low_rank_4": (1e-3, 2e-3, 5e-3)}}
 
 
 def bracket(args, name: str) -> tuple[float, ...]:
