@@ -282,6 +282,16 @@ class MFTCConfig(PeftConfig):
         },
     )
 
+    low_rank_share: float = field(
+        default=0.0,
+        metadata={
+            "help": "A low-rank part sized by the budget rather than by a fixed rank: the share in [0, 1) of `budget` "
+            "it may take. At injection its rank becomes the largest r whose r * (in + out) elements per target weight "
+            "fit that share, and is written to `low_rank`; a `low_rank` set with it must equal that rank (this checks "
+            "a saved adapter against the model it is loaded onto). 0: off (`low_rank` alone sets the rank)."
+        },
+    )
+
     @classmethod
     def check_kwargs(cls, **kwargs):
         """PEFT's hook for a config read from a file: one saved before `allocation` existed was warmed up with the
@@ -403,11 +413,13 @@ def _check_ffn_coupling(config) -> None:
 
 def _check_low_rank(config) -> None:
     check_int("low_rank", config.low_rank, minimum=0)
+    check_range("low_rank_share", config.low_rank_share, 0.0, 1.0, "a number in [0, 1)")
     if config.low_rank_alpha is None:
         return
-    if config.low_rank == 0:
-        raise ValueError(f"`low_rank_alpha` only applies with low_rank > 0 (it scales the low-rank part), got "
-                         f"low_rank_alpha={config.low_rank_alpha!r} with low_rank=0")
+    if config.low_rank == 0 and config.low_rank_share == 0:
+        raise ValueError(f"`low_rank_alpha` only applies with a low-rank part (low_rank > 0 or low_rank_share > 0; it "
+                         f"scales the part), got low_rank_alpha={config.low_rank_alpha!r} with low_rank=0 and "
+                         f"low_rank_share=0")
     check_positive_number("low_rank_alpha", config.low_rank_alpha)
 
 
@@ -423,6 +435,11 @@ def _check_module_fields(config) -> None:
         isinstance(layers, (list, tuple)) and all(is_int(i) and i >= 0 for i in layers)
     ):
         raise ValueError(f"`layers_to_transform` must be a non-negative integer or a list of them, got {layers!r}")
+
+
+def budget_elements(budget, target_elements: int) -> int:
+    """`budget` in elements: a float is a share of the target weights, an int a count of elements."""
+    return int(budget) if isinstance(budget, int) else int(budget * target_elements)
 
 
 def _check_budget(budget) -> None:

@@ -1,4 +1,4 @@
-"""The optional low-rank part of an MFTC adapter (`MFTCConfig.low_rank`): pure helpers for its two factors, and
+"""The optional low-rank part of an MFTC adapter (`MFTCConfig.low_rank`, or `low_rank_share`): pure helpers for its two factors, and
 `LowRankPart`, the layer mixin that holds them.
 
 RoSA (Nikdan et al., 2024) trains a sparse part together with a LoRA-like low-rank part at one total count. With
@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Callable, Mapping, MutableMapping, Optional
+from typing import Callable, Iterable, Mapping, MutableMapping, Optional
 
 import torch
 from torch import nn
+
+from .config import budget_elements
 
 LOW_RANK_NAMES = ("mftc_lora_A", "mftc_lora_B")  # the layer's containers of the factors
 ALPHA_PER_RANK = 2  # alpha = 2r, so scaling = alpha / r = 2: the benchmarks' LoRA
@@ -48,6 +50,28 @@ def blocks_budget(total: int, low_rank_elements: int, *, low_rank: int, budget) 
             "lower `low_rank` or raise `budget`"
         )
     return total - low_rank_elements
+
+
+def rank_for_share(share: float, budget, shapes: Iterable[tuple[int, int]], *, stated_rank: int = 0) -> int:
+    """The rank `low_rank_share` gives on target weights of these (in_features, out_features): the largest r whose
+    r * (in + out) elements per weight fit `share` of the budget. ValueError if that is 0, or if `stated_rank` (the
+    config's `low_rank`, 0 when unset) is another rank."""
+    shapes = list(shapes)
+    total = budget_elements(budget, sum(i * o for i, o in shapes))
+    per_rank = sum(i + o for i, o in shapes)
+    rank = math.floor(share * total / per_rank)
+    if rank == 0:
+        raise ValueError(
+            f"`low_rank_share`={share!r} of `budget`={budget!r} ({total:,} elements) is less than one rank of the "
+            f"low-rank part ({per_rank:,} elements on these target weights): raise `low_rank_share` or `budget`"
+        )
+    if stated_rank and stated_rank != rank:
+        raise ValueError(
+            f"`low_rank`={stated_rank} disagrees with `low_rank_share`={share!r}, which gives rank {rank} on this "
+            f"model's target weights with `budget`={budget!r}: was the adapter made for another model or budget? Set "
+            "only one of the two"
+        )
+    return rank
 
 
 def factor_generator(seed: int, adapter_name: str, module_name: str, rank: int) -> torch.Generator:

@@ -17,7 +17,7 @@ from .blocks import BlockGrid, make_grid
 from .checks import is_real
 from .config import MFTCConfig
 from .layer import SUPPORTED_LAYER_TYPES, Linear, MFTCLayer, quantized_weight_error
-from .low_rank import LOW_RANK_NAMES
+from .low_rank import LOW_RANK_NAMES, rank_for_share
 
 _BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 _LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -66,7 +66,10 @@ class MFTCModel(BaseTuner):
         # Validate every target and selection before PEFT replaces the first module, so that a bad config leaves the
         # user's model untouched.
         config = self.peft_config[adapter_name]
-        self._check_config_against_model(model, config)
+        grids = self._check_config_against_model(model, config)
+        if config.low_rank_share:
+            shapes = [(grid.in_features, grid.out_features) for grid in grids.values()]
+            config.low_rank = rank_for_share(config.low_rank_share, config.budget, shapes, stated_rank=config.low_rank)
         super().inject_adapter(model, adapter_name, **kwargs)
         # PEFT freezes inference-mode and inactive adapters by flipping flags directly; record the intent so that a
         # delta filled from a checkpoint later gets the same trainability (see MFTCLayer._resize_to_checkpoint).
@@ -109,7 +112,8 @@ class MFTCModel(BaseTuner):
             new_module.requires_grad_(False)  # an added adapter is not trainable until it is set active
         self._replace_module(parent, target_name, new_module, target)
 
-    def _check_config_against_model(self, model: nn.Module, config: MFTCConfig) -> None:
+    def _check_config_against_model(self, model: nn.Module, config: MFTCConfig) -> dict[str, BlockGrid]:
+        """Every target's block grid, once targets and selection are checked against the model."""
         config = self._prepare_adapter_config(config, self.get_model_config(model))
         if config.target_modules == "all-linear":
             config = _maybe_include_all_linear_layers(config, model)
@@ -143,6 +147,7 @@ class MFTCModel(BaseTuner):
                 )
             for name in matched:
                 targets[name].check_ids(ids, name=f"block_selection[{key!r}] for {name}")
+        return targets
 
     # ----- merge ----------------------------------------------------------------------------------------------
     # PEFT merges layer by layer, so a non-finite weight found in a later layer would leave the earlier ones merged:

@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from .allocation import DEFAULT_QUOTA_ROUNDING, proportional_selection
+from .config import budget_elements
 from .context import WarmupRun
 from .low_rank import blocks_budget
 from .measure import BlockMeasurement, measure
@@ -32,11 +33,6 @@ from .state import adapter_name_of, preserved_state
 from .step_control import energy_step_scales
 
 logger = logging.getLogger(__name__)
-
-
-def budget_elements(budget, target_elements: int) -> int:
-    """A float budget is a share of the target weights, an int a count of elements."""
-    return int(budget) if isinstance(budget, int) else int(budget * target_elements)
 
 
 def warmup(

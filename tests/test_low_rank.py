@@ -236,7 +236,7 @@ def test_a_checkpoint_whose_low_rank_part_disagrees_with_the_config_is_refused(t
     ({"low_rank": 2, "low_rank_alpha": 0}, r"`low_rank_alpha` must be a positive number, got 0"),
     ({"low_rank": 2, "low_rank_alpha": float("nan")}, r"`low_rank_alpha` must be a positive number, got nan"),
     ({"low_rank": 2, "low_rank_alpha": "4"}, r"`low_rank_alpha` must be a positive number, got '4'"),
-    ({"low_rank_alpha": 4.0}, r"`low_rank_alpha` only applies with low_rank > 0 .*got low_rank_alpha=4\.0 with "
+    ({"low_rank_alpha": 4.0}, r"`low_rank_alpha` only applies with a low-rank part .*got low_rank_alpha=4\.0 with "
                               r"low_rank=0"),
 ])
 def test_bad_values_name_the_argument(kwargs, message):
