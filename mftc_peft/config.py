@@ -267,7 +267,8 @@ class MFTCConfig(PeftConfig):
         default=0,
         metadata={
             "help": "Rank r of a low-rank update scaling * B @ A added to every target weight next to its blocks "
-            "(RoSA, Nikdan et al. 2024; A: r x in, initialised as PEFT LoRA's, B: out x r, zeros); 0: off. Its "
+            "(RoSA, Nikdan et al. 2024; A: r x in, initialised as PEFT LoRA's, B: out x r, zeros); 0: the rank that "
+            "`low_rank_share` gives (half the budget by default), none if that share is 0. Its "
             "r * (in + out) elements per weight come out of `budget`: the warm-up selects blocks for the rest, and "
             "refuses a low-rank part larger than the budget. Step scales, reselection and spectral coordination act "
             "on the blocks only. Merging keeps a copy of each whole target weight per merged adapter (without a "
@@ -277,28 +278,31 @@ class MFTCConfig(PeftConfig):
     low_rank_alpha: Optional[float] = field(
         default=None,
         metadata={
-            "help": "low_rank > 0 only. Numerator of the low-rank part's scaling alpha / r; None means 2 * low_rank "
+            "help": "With a low-rank part only. Numerator of its scaling alpha / r; None means 2 * low_rank "
             "(scaling 2, as the benchmarks' LoRA with alpha = 2r)."
         },
     )
 
-    low_rank_share: float = field(
-        default=0.0,
+    low_rank_share: Optional[float] = field(
+        default=None,
         metadata={
-            "help": "A low-rank part sized by the budget rather than by a fixed rank: the share in [0, 1) of `budget` "
-            "it may take. At injection its rank becomes the largest r whose r * (in + out) elements per target weight "
-            "fit that share, and is written to `low_rank`; a `low_rank` set with it must equal that rank (this checks "
-            "a saved adapter against the model it is loaded onto). 0: off (`low_rank` alone sets the rank)."
+            "help": "The share in [0, 1) of `budget` that a low-rank part on every target weight may take; None: "
+            "0.5 (the default since benchmarks/results/NOTES.md 91; blocks only before), or 0 if `low_rank` sets a "
+            "fixed rank. The rank is resolved at injection as the largest r whose r * (in + out) elements per weight "
+            "fit the share and written to `low_rank`, the share used to `low_rank_share` (a `low_rank` given with an "
+            "explicit share must equal that rank: this checks a saved adapter against the model it is loaded onto). "
+            "A budget too small for one rank gives blocks only, with a warning. 0: no part unless `low_rank` > 0."
         },
     )
 
     @classmethod
     def check_kwargs(cls, **kwargs):
         """PEFT's hook for a config read from a file: one saved before `allocation` existed was warmed up with the
-        module search, so it loads as allocation='search', and one saved before `quota_rounding` existed rounded by
-        largest remainders (its other warm-up fields keep their meaning)."""
+        module search, so it loads as allocation='search', one saved before `quota_rounding` existed rounded by
+        largest remainders, and one saved before `low_rank_share` existed has no part unless `low_rank` gave one (its
+        other warm-up fields keep their meaning)."""
         kwargs = super().check_kwargs(**kwargs)
-        return {"allocation": "search", "quota_rounding": "largest_remainder", **kwargs}
+        return {"allocation": "search", "quota_rounding": "largest_remainder", "low_rank_share": 0.0, **kwargs}
 
     def __post_init__(self):
         super().__post_init__()
@@ -413,7 +417,8 @@ def _check_ffn_coupling(config) -> None:
 
 def _check_low_rank(config) -> None:
     check_int("low_rank", config.low_rank, minimum=0)
-    check_range("low_rank_share", config.low_rank_share, 0.0, 1.0, "a number in [0, 1)")
+    if config.low_rank_share is not None:
+        check_range("low_rank_share", config.low_rank_share, 0.0, 1.0, "a number in [0, 1) or None")
     if config.low_rank_alpha is None:
         return
     if config.low_rank == 0 and config.low_rank_share == 0:

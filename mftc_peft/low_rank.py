@@ -13,12 +13,14 @@ never a LoRA to convert to (`supports_lora_conversion` stays False: the blocks a
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
 from typing import Callable, Iterable, Mapping, MutableMapping, Optional
 
 import torch
 from torch import nn
 
+from . import defaults
 from .config import budget_elements
 
 LOW_RANK_NAMES = ("mftc_lora_A", "mftc_lora_B")  # the layer's containers of the factors
@@ -52,18 +54,27 @@ def blocks_budget(total: int, low_rank_elements: int, *, low_rank: int, budget) 
     return total - low_rank_elements
 
 
+def effective_share(share: Optional[float], rank: int) -> float:
+    """The share `low_rank_share` stands for: None is the default share, or 0 when `low_rank` fixes the rank."""
+    if share is not None:
+        return float(share)
+    return 0.0 if rank else defaults.LOW_RANK_SHARE
+
+
 def rank_for_share(share: float, budget, shapes: Iterable[tuple[int, int]], *, stated_rank: int = 0) -> int:
     """The rank `low_rank_share` gives on target weights of these (in_features, out_features): the largest r whose
-    r * (in + out) elements per weight fit `share` of the budget. ValueError if that is 0, or if `stated_rank` (the
-    config's `low_rank`, 0 when unset) is another rank."""
+    r * (in + out) elements per weight fit `share` of the budget; 0 (blocks only, with a warning) if not even one
+    does. ValueError if `stated_rank` (the config's `low_rank`, 0 when unset) is another rank."""
     shapes = list(shapes)
     total = budget_elements(budget, sum(i * o for i, o in shapes))
     per_rank = sum(i + o for i, o in shapes)
     rank = math.floor(share * total / per_rank)
-    if rank == 0:
-        raise ValueError(
+    if rank == 0 and not stated_rank:
+        warnings.warn(
             f"`low_rank_share`={share!r} of `budget`={budget!r} ({total:,} elements) is less than one rank of the "
-            f"low-rank part ({per_rank:,} elements on these target weights): raise `low_rank_share` or `budget`"
+            f"low-rank part ({per_rank:,} elements on these target weights): the adapter trains blocks only. Raise "
+            "`budget` for a low-rank part, or set low_rank_share=0 to train blocks only without this warning",
+            stacklevel=3,
         )
     if stated_rank and stated_rank != rank:
         raise ValueError(

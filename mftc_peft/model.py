@@ -17,7 +17,7 @@ from .blocks import BlockGrid, make_grid
 from .checks import is_real
 from .config import MFTCConfig
 from .layer import SUPPORTED_LAYER_TYPES, Linear, MFTCLayer, quantized_weight_error
-from .low_rank import LOW_RANK_NAMES, rank_for_share
+from .low_rank import LOW_RANK_NAMES, effective_share, rank_for_share
 
 _BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 _LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -67,9 +67,12 @@ class MFTCModel(BaseTuner):
         # user's model untouched.
         config = self.peft_config[adapter_name]
         grids = self._check_config_against_model(model, config)
-        if config.low_rank_share:
+        share = effective_share(config.low_rank_share, config.low_rank)
+        if share:
             shapes = [(grid.in_features, grid.out_features) for grid in grids.values()]
-            config.low_rank = rank_for_share(config.low_rank_share, config.budget, shapes, stated_rank=config.low_rank)
+            config.low_rank = rank_for_share(share, config.budget, shapes, stated_rank=config.low_rank)
+        # what was used (0 where the budget holds no rank), so that a saved config reloads to the same adapter
+        config.low_rank_share = share if config.low_rank else 0.0
         super().inject_adapter(model, adapter_name, **kwargs)
         # PEFT freezes inference-mode and inactive adapters by flipping flags directly; record the intent so that a
         # delta filled from a checkpoint later gets the same trainability (see MFTCLayer._resize_to_checkpoint).

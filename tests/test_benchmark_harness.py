@@ -53,6 +53,11 @@ def test_trainable_counts_are_matched(smoke_results):
         assert records[method]["budget_source"] == "mftc"
         assert mftc - MAX_BLOCK < records[method]["trainable_params_no_head"] <= mftc, method
     assert 0 < records["mftc_no_cluster"]["trainable_params_no_head"] <= mftc
+    # MFTC's default puts half of LoRA's count in a low-rank part; the ablations share it, so only the blocks differ
+    low_rank = records["mftc"]["low_rank_elements"]
+    assert low_rank == budget // 2
+    for method in ("random_blocks", "top_energy", "mftc_no_search", "mftc_no_cluster"):
+        assert records[method]["low_rank_elements"] == low_rank, method
     # Every method trains the same head on top of its own parameters.
     heads = {r["trainable_params"] - r["trainable_params_no_head"] for r in records.values()}
     assert len(heads) == 1

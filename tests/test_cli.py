@@ -52,7 +52,7 @@ def test_default_finetune_writes_adapter_report_plots_and_metrics(default_run):
     metrics = json.loads((default_run / "metrics.json").read_text())
     assert metrics["method"] == "mftc" and 0.0 <= metrics["test_accuracy"] <= 1.0
     assert metrics["train_examples"] == 64 and metrics["test_examples"] == 32 and metrics["steps"] == 2
-    assert metrics["trainable_params_without_head"] == report["trainable_elements"]
+    assert metrics["trainable_params_without_head"] == report["trainable_elements"] + report["low_rank_elements"]
     manifest = json.loads((default_run / "run.json").read_text())
     assert manifest["args"]["method"] == "mftc" and manifest["label_names"] == ["rotten", "fresh"]
 

@@ -26,7 +26,8 @@ DEFAULT_SCALING = 2.0  # alpha None = 2r
 
 
 def make(case, **overrides):
-    kwargs = {**copy.deepcopy(case.config_kwargs), "init_weights": False, "low_rank": RANK, **overrides}
+    kwargs = {**copy.deepcopy(case.config_kwargs), "init_weights": False, "low_rank": RANK, "low_rank_share": 0.0,
+              **overrides}
     return get_peft_model(case.model(), MFTCConfig(**kwargs)).eval()
 
 
@@ -55,11 +56,12 @@ def in_layout(layer, dense):
     return dense.T if layer.fan_in_fan_out else dense  # transformers' Conv1D stores (in, out)
 
 
-# ----- (a) off by default --------------------------------------------------------------------------------------
+# ----- (a) without a part --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_default_adds_no_tensors(case, tmp_path):
-    explicit = make(case, low_rank=0)
-    default = get_peft_model(case.model(), MFTCConfig(**{**copy.deepcopy(case.config_kwargs), "init_weights": False}))
+def test_no_part_adds_no_tensors(case, tmp_path):
+    explicit = make(case, low_rank=0, low_rank_share=0.0)
+    default = get_peft_model(case.model(), MFTCConfig(**{**copy.deepcopy(case.config_kwargs), "init_weights": False,
+                                                          "low_rank_share": 0.0}))
     assert default.peft_config["default"].low_rank == 0 and default.peft_config["default"].low_rank_alpha is None
     for model in (default, explicit):
         keys = set(model.state_dict())
@@ -89,7 +91,7 @@ def test_warmup_takes_the_low_rank_part_out_of_the_budget(tmp_path):
     assert f"plus a low-rank part of {low_rank:,} trainable elements" in report.summary()
     assert WarmupReport.from_json(report.to_json(tmp_path / "report.json")).low_rank_elements == low_rank
     # B starts at zero, so the gradients are those without the part: the blocks are those of the smaller budget
-    _, plain = warm_model("llama_gqa", budget=12_000 - low_rank)
+    _, plain = warm_model("llama_gqa", budget=12_000 - low_rank, low_rank_share=0.0)
     assert mftc_peft.warmup(plain, batches, progress=False).selection == report.selection
 
 
@@ -236,8 +238,8 @@ def test_a_checkpoint_whose_low_rank_part_disagrees_with_the_config_is_refused(t
     ({"low_rank": 2, "low_rank_alpha": 0}, r"`low_rank_alpha` must be a positive number, got 0"),
     ({"low_rank": 2, "low_rank_alpha": float("nan")}, r"`low_rank_alpha` must be a positive number, got nan"),
     ({"low_rank": 2, "low_rank_alpha": "4"}, r"`low_rank_alpha` must be a positive number, got '4'"),
-    ({"low_rank_alpha": 4.0}, r"`low_rank_alpha` only applies with a low-rank part .*got low_rank_alpha=4\.0 with "
-                              r"low_rank=0"),
+    ({"low_rank_alpha": 4.0, "low_rank_share": 0.0}, r"`low_rank_alpha` only applies with a low-rank part .*got "
+                                                     r"low_rank_alpha=4\.0 with low_rank=0"),
 ])
 def test_bad_values_name_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -1,8 +1,9 @@
 """`MFTCConfig.low_rank_share`: a low-rank part sized as a share of the budget, its rank resolved at injection.
 
 The rank is the largest whose part fits the share; the warm-up's blocks get the rest of the budget; a share too small
-for one rank is refused before the model changes; a `low_rank` set with it must agree, which is how a saved adapter
-is checked against the model and budget it is loaded with.
+for one rank warns and trains blocks only; a `low_rank` set with it must agree, which is how a saved adapter is checked
+against the model and budget it is loaded with; the default is half the budget, and a config saved before the option
+existed loads without a part.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from test_warmup import token_batches
 from tiny_models import CASES_BY_NAME, outputs
 
 import mftc_peft
-from mftc_peft import MFTCConfig, MFTCLayer
+from mftc_peft import MFTCConfig
 
 CASE = CASES_BY_NAME["llama_gqa"]
 
@@ -64,16 +65,36 @@ def test_the_warmup_selects_blocks_for_the_rest_of_the_budget():
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == report.trainable_elements + 4 * per_rank
 
 
-def test_a_share_smaller_than_one_rank_is_refused_before_the_model_changes():
+def test_a_share_smaller_than_one_rank_warns_and_trains_blocks_only():
     per_rank, _ = per_rank_elements()
-    model = CASE.model()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    config = MFTCConfig(**{**copy.deepcopy(CASE.config_kwargs), "budget": 3 * per_rank, "low_rank_share": 0.3})
-    with pytest.raises(ValueError, match=rf"`low_rank_share`=0\.3 of `budget`={3 * per_rank} \({3 * per_rank:,} "
-                                         rf"elements\) is less than one rank of the low-rank part \({per_rank:,} "):
-        get_peft_model(model, config)
-    assert not any(isinstance(m, MFTCLayer) for m in model.modules())
-    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    with pytest.warns(UserWarning, match=rf"`low_rank_share`=0\.3 of `budget`={3 * per_rank} \({3 * per_rank:,} "
+                                         rf"elements\) is less than one rank of the low-rank part \({per_rank:,} "
+                                         r"elements on these target weights\): the adapter trains blocks only"):
+        model = make(budget=3 * per_rank, low_rank_share=0.3)
+    assert model.peft_config["default"].low_rank == 0 and model.base_model.low_rank_numel() == 0
+    report = mftc_peft.warmup(model, token_batches(6, causal=True), progress=False)
+    assert report.low_rank_elements == 0 and report.budget_elements == 3 * per_rank
+
+
+def test_the_default_puts_half_the_budget_in_the_part_and_an_old_config_loads_without_one(tmp_path):
+    per_rank, _ = per_rank_elements()
+    model = make(budget=8 * per_rank)
+    assert model.peft_config["default"].low_rank_share == 0.5 and ranks(model) == {4}
+    fixed = make(budget=8 * per_rank, low_rank=3)  # a fixed rank replaces the default share
+    assert fixed.peft_config["default"].low_rank_share == 0.0 and ranks(fixed) == {3}
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    old = {k: v for k, v in saved.items() if k not in ("low_rank", "low_rank_share")}  # saved before the part existed
+    path.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"mftc_lora_A"):  # this checkpoint has factors its config does not list
+        PeftModel.from_pretrained(CASE.model(), tmp_path)
+    plain = make(budget=8 * per_rank, low_rank_share=0.0)
+    plain.save_pretrained(tmp_path)
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items()
+                                if k not in ("low_rank", "low_rank_share")}))
+    loaded = PeftModel.from_pretrained(CASE.model(), tmp_path)
+    assert loaded.peft_config["default"].low_rank_share == 0.0 and loaded.base_model.low_rank_numel() == 0
 
 
 def test_a_stated_rank_must_agree_with_the_share():
@@ -105,7 +126,7 @@ def test_a_saved_adapter_reloads_with_its_rank_and_a_changed_budget_is_refused(t
 
 @pytest.mark.parametrize("share", [1.0, -0.1, float("nan"), True, "0.5"])
 def test_bad_shares_name_the_argument(share):
-    with pytest.raises(ValueError, match=rf"`low_rank_share` must be a number in \[0, 1\), got {share!r}"):
+    with pytest.raises(ValueError, match=rf"`low_rank_share` must be a number in \[0, 1\) or None, got {share!r}"):
         MFTCConfig(low_rank_share=share)
 
 

@@ -76,7 +76,8 @@ def test_study_runs_variants_on_the_validation_split(tmp_path):
         assert r["status"] == "ok", r.get("reason")
         assert r["eval_split"] == "val" and r["val_accuracy"] is not None
     configs = {r["variant"]: r["mftc_config"] for r in records}
-    assert configs["node_share_1"] == {"block_size": 32, "allocation": "search", "max_node_share": 1.0}
+    assert configs["node_share_1"] == {"block_size": 32, "low_rank_share": 0.0, "allocation": "search",
+                                       "max_node_share": 1.0}
     assert "| node_share_1 |" in (tmp_path / "selection_study.md").read_text()
     # a variant's `target_modules` replaces the task's targets: every block on the FFN down-projection (role 'ffn_in')
     down_only = next(r for r in records if r["variant"] == "down_only")

@@ -22,7 +22,9 @@ import mftc_peft
 from mftc_peft import MFTCConfig, MFTCLayer, WarmupReport
 
 TESTS_DIR = Path(__file__).parent
-WARMUP = dict(warmup_steps=6, dsca_every=2, n_clusters=4, embed_dim=6)
+# Blocks only: these tests check the warm-up's selection against its budget (the low-rank part, on by default, has
+# its own tests in test_low_rank.py and test_low_rank_share.py)
+WARMUP = dict(warmup_steps=6, dsca_every=2, n_clusters=4, embed_dim=6, low_rank_share=0.0)
 
 
 def token_batches(n, *, labels=3, seed=0, causal=False):

@@ -7,8 +7,8 @@ cannot be built for a task raises `Skip` with the reason, which is recorded inst
 Matched budgets: `ctx.lora_budget` is the trainable count without the head of LoRA at rank `ctx.rank` (8 unless a
 budget sweep sets 8 x multiple; computed by building LoRA); MFTC's budget is that number. The rank-based peers (LoRA,
 PiSSA, SHiRA, AdaLoRA's final rank) use `ctx.rank`, AdaMSS fits its rank to `ctx.lora_budget`. The ablations use
-`ctx.match_budget`: MFTC's selected count for the same task, seed and budget when MFTC ran first in this invocation,
-else the LoRA budget.
+`ctx.match_budget`: MFTC's trained count for the same task, seed and budget when MFTC ran first in this invocation,
+else the LoRA budget; they get MFTC's low-rank part (`low_rank_share`, from the LoRA budget) and blocks for the rest.
 """
 
 from __future__ import annotations
@@ -233,30 +233,36 @@ def build_mftc_spectral(model, ctx):
 
 
 def _ablation(model, ctx, choose):
-    """An MFTC adapter with an empty selection, filled by `choose(peft_model) -> (selection, warm-up seconds)`."""
-    peft_model, seconds = _mftc_model(model, ctx)
-    selection, warm = choose(peft_model)
+    """An MFTC adapter with an empty selection, filled by `choose(peft_model, budget) -> (selection, warm-up seconds)`.
+
+    It has MFTC's low-rank part, sized from the same LoRA budget, so that only the blocks differ: `budget` is what the
+    part leaves of the matched count."""
+    peft_model, seconds = _mftc_model(model, ctx, budget=ctx.lora_budget)
+    low_rank = peft_model.base_model.low_rank_numel()
+    selection, warm = choose(peft_model, ctx.match_budget - low_rank)
     start = time.perf_counter()
     peft_model.base_model.set_block_selection(selection)
     warm += time.perf_counter() - start
     return Built(peft_model, setup_seconds=seconds, warmup_seconds=warm,
-                 info={"budget": ctx.match_budget, "selected_blocks": sum(map(len, selection.values()))})
+                 info={"budget": ctx.match_budget, "selected_blocks": sum(map(len, selection.values())),
+                       "low_rank_elements": low_rank})
 
 
 def build_random_blocks(model, ctx):
-    def choose(peft_model):
+    def choose(peft_model, budget):
         start = time.perf_counter()
-        selection = selections.random_selection(peft_model.base_model.block_grids(), ctx.match_budget, ctx.seed)
+        selection = selections.random_selection(peft_model.base_model.block_grids(), budget, ctx.seed)
         return selection, time.perf_counter() - start
 
     return _ablation(model, ctx, choose)
 
 
 def _measured(ctx, select, *, uses_dsca: bool, uses_projections: bool = False):
-    def choose(peft_model):
+    """A `choose` for `_ablation` from `select(measurement, peft_model, budget) -> selection` on MFTC's measurement."""
+    def choose(peft_model, budget):
         measurement = selections.measure(peft_model, ctx.warmup_batches(), projections=uses_projections)
         start = time.perf_counter()
-        selection = select(measurement, peft_model)
+        selection = select(measurement, peft_model, budget)
         # The measurement always runs DSCA (it is MFTC's); methods without clustering are not charged for it.
         measured = measurement.seconds - (0.0 if uses_dsca else measurement.dsca_seconds)
         return selection, measured + time.perf_counter() - start
@@ -265,27 +271,28 @@ def _measured(ctx, select, *, uses_dsca: bool, uses_projections: bool = False):
 
 
 def build_top_energy(model, ctx):
-    select = lambda m, _: selections.top_energy_selection(m, ctx.match_budget)  # noqa: E731
+    select = lambda m, _, budget: selections.top_energy_selection(m, budget)  # noqa: E731
     return _ablation(model, ctx, _measured(ctx, select, uses_dsca=False))
 
 
 def build_mftc_no_search(model, ctx):
-    select = lambda m, _: selections.no_search_selection(m, ctx.match_budget)  # noqa: E731
+    select = lambda m, _, budget: selections.no_search_selection(m, budget)  # noqa: E731
     return _ablation(model, ctx, _measured(ctx, select, uses_dsca=True))
 
 
 def build_mftc_no_cluster(model, ctx):
-    def select(measurement, peft_model):
+    def select(measurement, peft_model, budget):
         config = peft_model.base_model.peft_config["default"]
-        return selections.no_cluster_selection(measurement, ctx.match_budget, config)
+        return selections.no_cluster_selection(measurement, budget, config)
 
     return _ablation(model, ctx, _measured(ctx, select, uses_dsca=False, uses_projections=True))
 
 
 def _study_builder(choose, *, uses_dsca: bool, uses_projections: bool = False):
-    """A builder of a selection-study baseline: `choose(measurement, ctx)` picks blocks from MFTC's measurement."""
+    """A builder of a selection-study baseline: `choose(measurement, ctx, budget)` picks blocks from MFTC's
+    measurement."""
     def build(model, ctx):
-        return _ablation(model, ctx, _measured(ctx, lambda m, _: choose(m, ctx), uses_dsca=uses_dsca,
+        return _ablation(model, ctx, _measured(ctx, lambda m, _, budget: choose(m, ctx, budget), uses_dsca=uses_dsca,
                                                uses_projections=uses_projections))
 
     return build
@@ -293,22 +300,22 @@ def _study_builder(choose, *, uses_dsca: bool, uses_projections: bool = False):
 
 STUDY_BUILDERS = {
     "cluster_round_robin": _study_builder(
-        lambda m, ctx: selections.round_robin_selection(m, ctx.match_budget), uses_dsca=True),
+        lambda m, ctx, budget: selections.round_robin_selection(m, budget), uses_dsca=True),
     "cluster_random": _study_builder(
-        lambda m, ctx: selections.round_robin_selection(m, ctx.match_budget, seed=ctx.seed), uses_dsca=True),
-    "adam_gain": _study_builder(lambda m, ctx: selections.adam_gain_selection(m, ctx.match_budget), uses_dsca=False,
+        lambda m, ctx, budget: selections.round_robin_selection(m, budget, seed=ctx.seed), uses_dsca=True),
+    "adam_gain": _study_builder(lambda m, ctx, budget: selections.adam_gain_selection(m, budget), uses_dsca=False,
                                 uses_projections=True),
     "energy_sampled": _study_builder(
-        lambda m, ctx: selections.energy_sampled_selection(m, ctx.match_budget, ctx.seed), uses_dsca=False),
+        lambda m, ctx, budget: selections.energy_sampled_selection(m, budget, ctx.seed), uses_dsca=False),
     "sqrt_energy_sampled": _study_builder(
-        lambda m, ctx: selections.energy_sampled_selection(m, ctx.match_budget, ctx.seed, power=0.5),
+        lambda m, ctx, budget: selections.energy_sampled_selection(m, budget, ctx.seed, power=0.5),
         uses_dsca=False),
     "proportional_top": _study_builder(
-        lambda m, ctx: selections.proportional_top_selection(m, ctx.match_budget), uses_dsca=False),
+        lambda m, ctx, budget: selections.proportional_top_selection(m, budget), uses_dsca=False),
     "middle_band": _study_builder(
-        lambda m, ctx: selections.proportional_band_selection(m, ctx.match_budget, ctx.seed), uses_dsca=False),
+        lambda m, ctx, budget: selections.proportional_band_selection(m, budget, ctx.seed), uses_dsca=False),
     "bottom_energy": _study_builder(
-        lambda m, ctx: selections.bottom_energy_selection(m, ctx.match_budget), uses_dsca=False),
+        lambda m, ctx, budget: selections.bottom_energy_selection(m, budget), uses_dsca=False),
 }
 
 
