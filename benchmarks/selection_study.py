@@ -113,6 +113,8 @@ VARIANTS = {
     # the default since NOTES 91: half the budget in a low-rank part whatever the budget (`low_rank_4` at 1x)
     "hybrid": ("mftc", {"allocation": "proportional", "quota_rounding": "spread_remainder", "block_size": 8,
                         "low_rank_share": 0.5}),
+    # its control: the same low-rank part, uniformly random 8-wide blocks for the rest of the budget
+    "random_hybrid": ("random_blocks", {"block_size": 8, "low_rank_share": 0.5}),
 }
 # Settings of the run itself (not of the method) for some variants: see `harness.runner.run_one`
 RUN_OVERRIDES = {"lora_lr_warmup": {"lr_warmup_ratio": 0.1}, "block_8_lr_warmup": {"lr_warmup_ratio": 0.1}}
@@ -134,7 +136,8 @@ BRACKETS = {"cls": {"lora": (1e-3, 2e-3, 4e-3), "energy_steps": (2e-3, 5e-3, 1e-
                    "fine_attention": (3e-3, 5e-3, 1e-2), "cols_in": (3e-3, 5e-3, 1e-2),
                    "down_only": (3e-3, 5e-3, 1e-2), "block_8_lr_warmup": (3e-3, 5e-3, 1e-2),
                    "lora_lr_warmup": (2e-3, 3e-3, 5e-3), "coupled_neurons": (3e-3, 5e-3, 1e-2),
-                   "low_rank_4": (2e-3, 3e-3, 5e-3), "hybrid": (3e-3, 5e-3, 1e-2)}}
+                   "low_rank_4": (2e-3, 3e-3, 5e-3), "hybrid": (3e-3, 5e-3, 1e-2),
+                   "random_hybrid": (3e-3, 5e-3, 1e-2)}}
 DEFAULT_BRACKET = {"cls": (2e-3, 5e-3, 1e-2), "lm": (1e-3, 3e-3, 1e-2)}
 REFERENCES = ("random_blocks", "lora")
 METRIC = {"cls": ("val_accuracy", True), "lm": ("val_perplexity", False)}
@@ -181,7 +184,8 @@ PROFILE_BRACKETS = {"lab_long": {"search": LONG_BLOCKS, "random_blocks": LONG_BL
                                  "reselect_8": (1e-3, 2e-3, 5e-3), "rows_out": (1e-3, 2e-3, 5e-3),
                                  "block_16": (1e-3, 2e-3, 5e-3), "block_8": (1e-3, 2e-3, 5e-3),
                                  "block_4": (1e-3, 2e-3, 5e-3), "fine_attention": (1e-3, 2e-3, 5e-3),
-                                 "low_rank_4": (1e-3, 2e-3, 5e-3), "hybrid": (1e-3, 2e-3, 5e-3)}}
+                                 "low_rank_4": (1e-3, 2e-3, 5e-3), "hybrid": (1e-3, 2e-3, 5e-3),
+                                 "random_hybrid": (1e-3, 2e-3, 5e-3)}}
 
 
 def bracket(args, name: str) -> tuple[float, ...]:
