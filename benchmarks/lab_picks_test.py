@@ -13,10 +13,11 @@ from harness.methods import lora_budget  # noqa: E402
 from harness.profiles import PROFILES  # noqa: E402
 from harness.tasks import make_task  # noqa: E402
 
-# selection_study.md, lm: MFTC's default picked 5e-3 since its FFN groups are 8 wide (block_8, NOTES 62; 1e-2 before);
-# random blocks run on the default's grid, 8 wide since NOTES 62: 1e-2 is their pick on 32-wide groups and the best of
-# random_blocks_8's bracket, interior on seed 0 (NOTES 66; 3e-2 scored 44.41 in NOTES 70)
-PICKS = {"mftc": 5e-3, "lora": 3e-3, "random_blocks": 1e-2}
+# selection_study.md, lm, validation: MFTC's default (half the budget in a low-rank part since NOTES 91, `low_rank_4` /
+# `hybrid` in the lab) picked 5e-3 on 5 seeds; LoRA 5e-3 (NOTES 87: 0.92 perplexity better than 3e-3 on 5 seeds);
+# random blocks, which now get the same low-rank part (`random_hybrid`), 5e-3, interior (NOTES 93). The blocks-only
+# default's runs at 5e-3 / 3e-3 / 1e-2 are in cpu_blocks_only.jsonl.
+PICKS = {"mftc": 5e-3, "lora": 5e-3, "random_blocks": 5e-3}
 SEEDS = [0, 1, 2]
 args = run.parse_args(["--profile", "cpu", "--workers", "2", "--resume"])
 args.device = "cpu"
