@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import defaults
-from .config import budget_elements
+from .config_checks import budget_elements
 
 LOW_RANK_NAMES = ("mftc_lora_A", "mftc_lora_B")  # the layer's containers of the factors
 ALPHA_PER_RANK = 2  # alpha = 2r, so scaling = alpha / r = 2: the benchmarks' LoRA

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from .allocation import DEFAULT_QUOTA_ROUNDING, proportional_selection
-from .config import budget_elements
+from .config_checks import budget_elements
 from .context import WarmupRun
 from .low_rank import blocks_budget
 from .measure import BlockMeasurement, measure
