@@ -202,7 +202,7 @@ def bracket(args, name: str) -> tuple[float, ...]:
 LAB_BLOCK_SIZE = 32
 
 
-# Likewise every lab record before NOTES 91 trained blocks only: a variant that does not name its low-rank share has none.
+# Likewise every lab record before NOTES 91 trained blocks only: a variant that names no low-rank share has none.
 LAB_LOW_RANK_SHARE = 0.0
 
 

@@ -12,7 +12,8 @@ from .allocation import ALLOCATIONS, DEFAULT_QUOTA_ROUNDING, QUOTA_ROUNDINGS
 from .blocks import AXIS_CHOICES
 from .checks import check_bool, check_choice, check_int, check_range, is_real
 from .config_checks import (
-    check_budget, check_ffn_coupling, check_low_rank, check_module_fields, check_search_fields_unused, normalise_selection,
+    check_budget, check_ffn_coupling, check_low_rank, check_module_fields, check_search_fields_unused,
+    normalise_selection,
 )
 from .graph import SIMILARITIES
 from .probes import BLOCK_SCORES, PROBES

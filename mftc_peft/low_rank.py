@@ -1,5 +1,5 @@
-"""The optional low-rank part of an MFTC adapter (`MFTCConfig.low_rank`, or `low_rank_share`): pure helpers for its two factors, and
-`LowRankPart`, the layer mixin that holds them.
+"""The low-rank part of an MFTC adapter (`MFTCConfig.low_rank`, or `low_rank_share`, half the budget by default):
+pure helpers for its two factors and its rank, and `LowRankPart`, the layer mixin that holds them.
 
 RoSA (Nikdan et al., 2024) trains a sparse part together with a LoRA-like low-rank part at one total count. With
 `low_rank = r > 0` every target weight W (out x in) of the adapter gets `scaling * B @ A` next to its blocks:
