@@ -176,3 +176,19 @@ def test_a_budget_multiple_sets_lora_rank_and_gets_its_own_table_section():
     else:
         raise AssertionError("a multiple that is not a whole LoRA rank must be refused")
 
+
+
+def test_lab_variants_keep_the_warmup_their_records_measured_unless_they_name_one():
+    import selection_study
+
+    def warmups(argv):
+        specs = selection_study.specs(selection_study.parse_args(argv), lora_budget=610)
+        return {s["variant"]: s["mftc_config"].get("warmup_steps") for s in specs}
+
+    lm = warmups(["--task", "lm", "--variants", "hybrid,hybrid_warmup_4,lora,random_hybrid"])
+    assert lm == {"hybrid": 8, "hybrid_warmup_4": 4, "lora": None, "random_hybrid": 8}
+    long = warmups(["--profile", "lab_long", "--variants", "low_rank_4,hybrid_warmup_4"])
+    assert long == {"low_rank_4": 16, "hybrid_warmup_4": 4}
+    assert warmups(["--variants", "block_8,random_blocks"]) == {"block_8": 16, "random_blocks": 16}
+    # the tiny smoke profile is not pinned: its own settings decide
+    assert warmups(["--profile", "smoke", "--variants", "hybrid"]) == {"hybrid": None}
