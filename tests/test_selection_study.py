@@ -88,6 +88,7 @@ def test_study_runs_variants_on_the_validation_split(tmp_path):
     hybrid = next(r for r in records if r["variant"] == "low_rank_4")
     assert hybrid["low_rank_elements"] == hybrid["lora_budget"] // 2 and hybrid["selected_blocks"] > 0
     assert hybrid["low_rank_elements"] < hybrid["trainable_params_no_head"] <= hybrid["lora_budget"]
+    assert hybrid["warmup_steps"] == 4  # the record says how many micro-batches the warm-up measured (smoke's)
 
 
 def test_the_down_only_targets_are_the_ffn_down_projections_of_both_lab_models():

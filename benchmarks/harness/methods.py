@@ -194,6 +194,7 @@ def build_mftc(model, ctx):
     return Built(peft_model, setup_seconds=seconds, warmup_seconds=warm, hooks=hooks,
                  info={"budget": ctx.lora_budget, "warmup_timings": report.timings,
                        "selected_blocks": sum(map(len, report.selection.values())),
+                       "warmup_steps": peft_model.peft_config[peft_model.active_adapter].warmup_steps,
                        "low_rank_elements": report.low_rank_elements} | info)
 
 
