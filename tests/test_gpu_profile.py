@@ -73,3 +73,14 @@ def test_launcher_smoke_runs_the_pipeline_in_reused_workers(tmp_path):
     text = (tmp_path / "gpu_smoke.md").read_text()
     assert "MFTC - method (95% CI)" in text and "long-lived worker processes" in text
     assert "peak RSS" in text and "| n/a |" in text  # a reused worker's RSS is not a run's
+
+
+def test_the_benchmark_profiles_warm_up_as_the_product_does_by_default():
+    # The benchmarks measure MFTC as a user gets it: the warm-up's micro-batches are MFTCConfig's default on every
+    # real-model profile (the method lab pins its own counts, `selection_study.LAB_WARMUP_STEPS`).
+    from mftc_peft import MFTCConfig
+
+    default = MFTCConfig().warmup_steps
+    for name in ("cpu", "cpu_budget", "gpu", "full", "lab_long"):
+        for task, settings in PROFILES[name].settings.items():
+            assert settings.warmup_steps == default, (name, task, settings.warmup_steps)

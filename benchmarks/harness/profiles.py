@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mftc_peft.defaults import WARMUP_STEPS
+
 ALL_METHODS = (
     "mftc", "lora", "adalora", "pissa", "shira", "adamss", "full", "bias",
     "random_blocks", "top_energy", "mftc_no_search", "mftc_no_cluster", "mftc_spectral",
@@ -115,7 +117,8 @@ class TaskSettings:
     epochs: int | None = None  # steps = epochs x batches per epoch ...
     steps: int | None = None  # ... or a fixed number of steps (data cycled in fresh seeded orders)
     max_length: int = 64  # tokens per snippet (cls) or per chunk (lm)
-    warmup_steps: int = 16  # MFTC warm-up micro-batches (for MFTC and every ablation that measures gradients)
+    # MFTC warm-up micro-batches (for MFTC and every ablation that measures gradients): the product's default
+    warmup_steps: int = WARMUP_STEPS
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,7 @@ _CPU_SETTINGS = {
     # 1,000 training snippets, and 1,000 for validation: a 200-snippet split told learning rates apart by one or two
     # examples, so the sweep was a coin toss.
     "cls": TaskSettings(n_train=2000, n_val=1000, n_test=1000, batch_size=32, epochs=2, max_length=64),
-    "lm": TaskSettings(n_train=None, n_val=30, n_test=None, batch_size=8, steps=40, max_length=128, warmup_steps=8),
+    "lm": TaskSettings(n_train=None, n_val=30, n_test=None, batch_size=8, steps=40, max_length=128),
 }
 _SMOKE_SETTINGS = {
     "cls": TaskSettings(n_train=48, n_val=16, n_test=16, batch_size=8, steps=3, max_length=16, warmup_steps=4),
