@@ -100,7 +100,10 @@ class MFTCConfig(PeftConfig):
     )
     warmup_steps: int = field(
         default=defaults.WARMUP_STEPS,
-        metadata={"help": "Micro-batches (forward + backward, no optimiser step) the warm-up measures."},
+        metadata={
+            "help": "Micro-batches (forward + backward, no optimiser step) the warm-up measures; 4 since "
+            "benchmarks/results/NOTES.md 99 (12 before: next to the low-rank part more of them tied, at 2-4x the cost)."
+        },
     )
     head_warmup_steps: int = field(
         default=0,
