@@ -15,8 +15,8 @@ from harness.tasks import make_task  # noqa: E402
 
 # selection_study.md, lm, validation: MFTC's default (half the budget in a low-rank part since NOTES 91, `low_rank_4` /
 # `hybrid` in the lab) picked 5e-3 on 5 seeds, and so did its 4-batch warm-up (NOTES 99); LoRA 5e-3 (NOTES 87: 0.92
-# perplexity better than 3e-3 on 5 seeds); random blocks, which now get the same low-rank part (`random_hybrid`), 5e-3, interior (NOTES 93). The blocks-only
-# default's runs at 5e-3 / 3e-3 / 1e-2 are in cpu_blocks_only.jsonl.
+# perplexity better than 3e-3 on 5 seeds); random blocks, which now get the same low-rank part (`random_hybrid`),
+# 5e-3, interior (NOTES 93). The blocks-only default's runs at 5e-3 / 3e-3 / 1e-2 are in cpu_blocks_only.jsonl.
 PICKS = {"mftc": 5e-3, "lora": 5e-3, "random_blocks": 5e-3}
 SEEDS = [0, 1, 2]
 args = run.parse_args(["--profile", "cpu", "--workers", "2", "--resume"])
