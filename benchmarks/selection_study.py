@@ -119,6 +119,10 @@ VARIANTS = {
     # next to the part the blocks' choice mattered little (NOTES 93), and the warm-up is 20-28% of a 64-step run
     "hybrid_warmup_4": ("mftc", {"allocation": "proportional", "quota_rounding": "spread_remainder", "block_size": 8,
                                  "low_rank_share": 0.5, "warmup_steps": 4}),
+    # the default (4-batch warm-up) with blocks chosen by the energy outside each gradient's top-r directions, what the
+    # rank-r part would not learn (NOTES 102): next to the part, energy-chosen blocks tie random ones (NOTES 93, 98)
+    "hybrid_outside": ("mftc", {"allocation": "proportional", "quota_rounding": "spread_remainder", "block_size": 8,
+                                "low_rank_share": 0.5, "warmup_steps": 4, "block_energy": "outside_low_rank"}),
 }
 # Settings of the run itself (not of the method) for some variants: see `harness.runner.run_one`
 RUN_OVERRIDES = {"lora_lr_warmup": {"lr_warmup_ratio": 0.1}, "block_8_lr_warmup": {"lr_warmup_ratio": 0.1}}
@@ -141,7 +145,8 @@ BRACKETS = {"cls": {"lora": (1e-3, 2e-3, 4e-3), "energy_steps": (2e-3, 5e-3, 1e-
                    "down_only": (3e-3, 5e-3, 1e-2), "block_8_lr_warmup": (3e-3, 5e-3, 1e-2),
                    "lora_lr_warmup": (2e-3, 3e-3, 5e-3), "coupled_neurons": (3e-3, 5e-3, 1e-2),
                    "low_rank_4": (2e-3, 3e-3, 5e-3), "hybrid": (3e-3, 5e-3, 1e-2),
-                   "random_hybrid": (3e-3, 5e-3, 1e-2), "hybrid_warmup_4": (3e-3, 5e-3, 1e-2)}}
+                   "random_hybrid": (3e-3, 5e-3, 1e-2), "hybrid_warmup_4": (3e-3, 5e-3, 1e-2),
+                   "hybrid_outside": (3e-3, 5e-3, 1e-2)}}
 DEFAULT_BRACKET = {"cls": (2e-3, 5e-3, 1e-2), "lm": (1e-3, 3e-3, 1e-2)}
 REFERENCES = ("random_blocks", "lora")
 METRIC = {"cls": ("val_accuracy", True), "lm": ("val_perplexity", False)}
@@ -189,7 +194,8 @@ PROFILE_BRACKETS = {"lab_long": {"search": LONG_BLOCKS, "random_blocks": LONG_BL
                                  "block_16": (1e-3, 2e-3, 5e-3), "block_8": (1e-3, 2e-3, 5e-3),
                                  "block_4": (1e-3, 2e-3, 5e-3), "fine_attention": (1e-3, 2e-3, 5e-3),
                                  "low_rank_4": (1e-3, 2e-3, 5e-3), "hybrid": (1e-3, 2e-3, 5e-3),
-                                 "random_hybrid": (1e-3, 2e-3, 5e-3), "hybrid_warmup_4": (1e-3, 2e-3, 5e-3)}}
+                                 "random_hybrid": (1e-3, 2e-3, 5e-3), "hybrid_warmup_4": (1e-3, 2e-3, 5e-3),
+                                 "hybrid_outside": (1e-3, 2e-3, 5e-3)}}
 
 
 def bracket(args, name: str) -> tuple[float, ...]:

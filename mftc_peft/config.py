@@ -12,8 +12,8 @@ from .allocation import ALLOCATIONS, DEFAULT_QUOTA_ROUNDING, QUOTA_ROUNDINGS
 from .blocks import AXIS_CHOICES
 from .checks import check_bool, check_choice, check_int, check_range, is_real
 from .config_checks import (
-    check_budget, check_ffn_coupling, check_low_rank, check_module_fields, check_search_fields_unused,
-    normalise_selection,
+    check_block_energy, check_budget, check_ffn_coupling, check_low_rank, check_module_fields,
+    check_search_fields_unused, normalise_selection,
 )
 from .graph import SIMILARITIES
 from .probes import BLOCK_SCORES, PROBES
@@ -298,6 +298,16 @@ class MFTCConfig(PeftConfig):
             "A budget too small for one rank gives blocks only, with a warning. 0: no part unless `low_rank` > 0."
         },
     )
+    block_energy: str = field(
+        default="total",
+        metadata={
+            "help": "What the warm-up's block energies (and signatures) measure: 'total', each block's whole squared "
+            "gradient, or 'outside_low_rank', the squared gradient left after removing each micro-batch gradient's "
+            "best rank-`low_rank` approximation (what the low-rank part would learn), so that blocks complement the "
+            "part; that needs a low-rank part (a budget too small for one rank measures 'total'). Off by default: "
+            "benchmarks/results/NOTES.md 102."
+        },
+    )
 
     @classmethod
     def check_kwargs(cls, **kwargs):
@@ -373,6 +383,7 @@ class MFTCConfig(PeftConfig):
         check_range("spectral_filter", self.spectral_filter, 0.0, 1.0, "in [0, 1)")
         check_range("spectral_reg", self.spectral_reg, 0.0, float("inf"), "a number >= 0")
         check_low_rank(self)
+        check_block_energy(self)
         check_range("confidence", self.confidence, 0.0, float("inf"), "a number >= 0")
         check_int("head_warmup_steps", self.head_warmup_steps, minimum=0)
         if not (is_real(self.head_warmup_lr) and self.head_warmup_lr > 0):

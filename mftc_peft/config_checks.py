@@ -7,6 +7,7 @@ import operator
 
 from .allocation import FFN_COUPLINGS
 from .checks import check_choice, check_int, check_names, check_positive_number, check_range, check_regex, is_int
+from .residual import BLOCK_ENERGIES
 
 
 def check_search_fields_unused(config) -> None:
@@ -48,6 +49,16 @@ def check_low_rank(config) -> None:
                          f"scales the part), got low_rank_alpha={config.low_rank_alpha!r} with low_rank=0 and "
                          f"low_rank_share=0")
     check_positive_number("low_rank_alpha", config.low_rank_alpha)
+
+
+def check_block_energy(config) -> None:
+    check_choice("block_energy", config.block_energy, BLOCK_ENERGIES)
+    if config.block_energy == "outside_low_rank" and config.low_rank == 0 and config.low_rank_share == 0:
+        raise ValueError(
+            "`block_energy='outside_low_rank'` measures what a low-rank part would not learn and needs one "
+            f"(low_rank > 0 or low_rank_share > 0 or None), got low_rank={config.low_rank!r} and "
+            f"low_rank_share={config.low_rank_share!r}"
+        )
 
 
 def check_module_fields(config) -> None:

@@ -195,9 +195,10 @@ def _collect(run: WarmupRun, layers: dict, grids: dict, batches: list[dict], kee
         reset_every=config.reset_every, min_module_size=config.min_module_size,
         max_module_size=config.max_module_size, random_state=seeds["clustering"],
     )
+    outside_rank = config.low_rank if config.block_energy == "outside_low_rank" else 0
     collector = SignatureCollector(
         targets, kind=config.signature_kind, window=config.signature_window, seed=seeds["signatures"],
-        keep_history=keep_projections,
+        keep_history=keep_projections, residual_rank=outside_rank,
     )
     folded_at_update = 0  # micro-batches folded in at the last DSCA update: no update without new ones
     with collector, deterministic_mode(run.peft_model):

@@ -11,6 +11,8 @@ Two kinds of signature per block (node):
 - "sketch": a random linear sketch of the block's raw gradient summed over the window: lines summed with random
   signs by their offset inside the block, then the other axis count-sketched. The hashes are shared by all blocks,
   so the sketches of two blocks of one shape estimate the inner product of their gradients.
+With `residual_rank` r > 0 every gradient first loses its best rank-r approximation (`residual.py`): the signatures
+and energies then describe what a rank-r low-rank part next to the blocks would not learn.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 
 from .blocks import BlockGrid
 from .checks import check_int
+from .residual import gaussian_probe, without_top_directions
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +47,13 @@ class SignatureCollector:
 
     def __init__(
         self, targets: Mapping[str, tuple], *, kind: str = "energy", window: int = 8, sketch_dim: int = 64,
-        seed: int = 0, keep_history: bool = False,
+        seed: int = 0, keep_history: bool = False, residual_rank: int = 0,
     ):
         if kind not in KINDS:
             raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}")
         check_int("window", window)
         check_int("sketch_dim", sketch_dim)
+        check_int("residual_rank", residual_rank, minimum=0)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"`seed` must be an integer, got {seed!r}")
         if not targets:
@@ -57,6 +61,7 @@ class SignatureCollector:
                 f"`targets` must map at least one module name to (weight, grid, fan_in_fan_out), got {targets!r}"
             )
         self.kind, self.window, self.sketch_dim, self.seed = kind, window, sketch_dim, seed
+        self.residual_rank = residual_rank
         self._targets = [_check_target(name, value) for name, value in targets.items()]
         self.nodes = [(name, b) for name, _, grid, _ in self._targets for b in range(grid.n_blocks)]
         sizes = [grid.n_blocks for _, _, grid, _ in self._targets]
@@ -108,6 +113,11 @@ class SignatureCollector:
 
     def _reduce(self, index, grad):
         _, _, grid, fan_in_fan_out = self._targets[index]
+        if self.residual_rank:
+            grad = grad.float()  # the best rank-r approximation is the same for a matrix and its transpose
+            probe = self._on_device("probe", grad.shape[1], grad.device,
+                                    lambda: gaussian_probe(grad.shape[1], self.residual_rank, self.seed))
+            grad = without_top_directions(grad, self.residual_rank, probe)
         rows = grid.lines(grad, fan_in_fan_out=fan_in_fan_out).float()  # (length along the block axis, other_length)
         segments = self._on_device("segments", index, rows.device, grid.segment_ids)
         per_row = rows.pow(2).sum(dim=1, dtype=torch.float64)  # (length,)
