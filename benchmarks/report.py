@@ -94,7 +94,7 @@ def sweep_table(records: list[dict], task: str, budget: float = 1.0) -> list[str
     if not sweep:
         return ["No learning-rate sweep in this profile: each method used the fixed learning rate shown above "
                 "(recorded with `lr_swept: false`)."]
-    picks = {m: runs[0]["lr"] for m in ALL_METHODS if (runs := picked_test_runs(records, task, m, budget))}
+    picks = {m: _pick(runs[0]) for m in ALL_METHODS if (runs := picked_test_runs(records, task, m, budget))}
     lines = ["| method | learning rate -> validation metric (* added past the bracket's edge, + between two rates) "
              "| pick |",
              "|---|---|---|"]
@@ -106,7 +106,14 @@ def sweep_table(records: list[dict], task: str, budget: float = 1.0) -> list[str
                 + (f"{r['val_' + r['metric']]:.4f}" if r.get("status") == "ok" else str(r.get("status")))
                 for r in runs)
             lines.append(f"| {method} | {cells} | {picks.get(method, 'n/a')} |")
+        elif method in picks and "(" in picks[method]:
+            lines.append(f"| {method} | no sweep in this profile | {picks[method]} |")
     return lines
+
+
+def _pick(run: dict) -> str:
+    """The test runs' rate, with where it came from when that was not this profile's own sweep (`lr_source`)."""
+    return f"{run['lr']:g}" + (f" (from {run['lr_source']})" if run.get("lr_source") else "")
 
 
 def _verdict(ok: bool | None, text: str) -> str:

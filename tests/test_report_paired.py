@@ -94,3 +94,18 @@ def test_perplexity_targets_follow_lower_is_better():
     summary = report.summarise(records, "lm")
     line = comparisons.target_line(summary, "lora", strict=True)
     assert line.startswith("- MET: MFTC above lora") and "MFTC ahead (interval excludes 0)" in line
+
+
+def test_the_learning_rate_table_names_a_pick_made_elsewhere():
+    def run(method, phase, lr, **extra):
+        return {"task": "lm", "method": method, "phase": phase, "lr": lr, "status": "ok", "metric": "perplexity",
+                "val_perplexity": 40.0, "date": "2026-12-02", "seed": 0, **extra}
+
+    source = "selection_study.md (validation, 5 seeds)"
+    records = [run("lora", "sweep", 1e-3), run("lora", "sweep", 3e-3), run("lora", "test", 3e-3),
+               run("lora", "test", 5e-3, lr_source=source, date="2026-12-03"),
+               run("mftc", "test", 5e-3, lr_source=source), run("shira", "sweep", 1e-2), run("shira", "test", 1e-2)]
+    table = "\n".join(report.sweep_table(records, "lm"))
+    assert f"| lora | 0.001 -> 40.0000, 0.003 -> 40.0000 | 0.005 (from {source}) |" in table
+    assert f"| mftc | no sweep in this profile | 0.005 (from {source}) |" in table
+    assert "| shira | 0.01 -> 40.0000 | 0.01 |" in table
