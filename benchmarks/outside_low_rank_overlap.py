@@ -43,14 +43,13 @@ def measure_task(name: str, seed: int, *, tiny: bool = False) -> dict:
     settings = PROFILES["cpu"].settings[name]
     task = make_task(name, settings, tiny=tiny)
     budget = lora_budget(task, 8)
+    stream = iterate_batches(task.splits().train, settings.batch_size, seed=WARMUP_SEED_OFFSET + seed, epochs=None)
+    batches = [trim_padding(b) for b in islice(stream, settings.warmup_steps)]
     tables, seconds = {}, {}
     for energy in ("total", "outside_low_rank"):
         config = MFTCConfig(task_type=task.task_type, target_modules=task.targets, budget=budget, seed=seed,
                             block_energy=energy)
         peft_model = get_peft_model(task.load_model(seed=seed), config)
-        stream = iterate_batches(task.splits().train, settings.batch_size, seed=WARMUP_SEED_OFFSET + seed,
-                                 epochs=None)
-        batches = [trim_padding(b) for b in islice(stream, settings.warmup_steps)]
         start = time.perf_counter()
         tables[energy] = measure_blocks(peft_model, batches).table
         seconds[energy] = time.perf_counter() - start

@@ -94,7 +94,8 @@ def sweep_table(records: list[dict], task: str, budget: float = 1.0) -> list[str
     if not sweep:
         return ["No learning-rate sweep in this profile: each method used the fixed learning rate shown above "
                 "(recorded with `lr_swept: false`)."]
-    picks = {m: _pick(runs[0]) for m in ALL_METHODS if (runs := picked_test_runs(records, task, m, budget))}
+    picked = {m: runs[0] for m in ALL_METHODS if (runs := picked_test_runs(records, task, m, budget))}
+    picks = {m: _pick(run) for m, run in picked.items()}
     lines = ["| method | learning rate -> validation metric (* added past the bracket's edge, + between two rates) "
              "| pick |",
              "|---|---|---|"]
@@ -106,7 +107,7 @@ def sweep_table(records: list[dict], task: str, budget: float = 1.0) -> list[str
                 + (f"{r['val_' + r['metric']]:.4f}" if r.get("status") == "ok" else str(r.get("status")))
                 for r in runs)
             lines.append(f"| {method} | {cells} | {picks.get(method, 'n/a')} |")
-        elif method in picks and "(" in picks[method]:
+        elif method in picked and picked[method].get("lr_source"):
             lines.append(f"| {method} | no sweep in this profile | {picks[method]} |")
     return lines
 
