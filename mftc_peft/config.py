@@ -10,7 +10,7 @@ from peft.config import PeftConfig
 from . import defaults
 from .allocation import ALLOCATIONS, DEFAULT_QUOTA_ROUNDING, QUOTA_ROUNDINGS
 from .blocks import AXIS_CHOICES
-from .checks import check_bool, check_choice, check_int, check_range, is_real
+from .checks import check_bool, check_choice, check_int, check_positive_number, check_range, is_real
 from .config_checks import (
     check_block_energy, check_budget, check_ffn_coupling, check_low_rank, check_module_fields,
     check_search_fields_unused, normalise_selection,
@@ -237,6 +237,13 @@ class MFTCConfig(PeftConfig):
     step_scale_power: float = field(
         default=0.5, metadata={"help": "Exponent of the 'energy' step scales (> 0; 0.5 evens out the Fisher cost)."}
     )
+    block_step_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "> 0: every block's delta is this times its trained values (times its 'energy' scale, if any), so "
+            "under Adam the blocks step by this times the rate while a low-rank part takes the rate itself; 1: off."
+        },
+    )
     # ----- training: dynamic selection (off by default) -----
     reselect_every: int = field(
         default=0,
@@ -379,6 +386,7 @@ class MFTCConfig(PeftConfig):
         check_choice("step_scale", self.step_scale, STEP_SCALES)
         if not (is_real(self.step_scale_power) and self.step_scale_power > 0):
             raise ValueError(f"`step_scale_power` must be a positive number, got {self.step_scale_power!r}")
+        check_positive_number("block_step_scale", self.block_step_scale)
         check_range("max_node_share", self.max_node_share, 0.5, float("inf"), "a number >= 0.5")
         check_range("spectral_filter", self.spectral_filter, 0.0, 1.0, "in [0, 1)")
         check_range("spectral_reg", self.spectral_reg, 0.0, float("inf"), "a number >= 0")

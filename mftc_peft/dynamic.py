@@ -30,6 +30,7 @@ from .measure import weight_gradients_only
 from .model import mftc_tuner
 from .signatures import SignatureCollector
 from .state import adapter_name_of, preserved_state
+from .step_control import new_block_scale
 from .training import deterministic_mode, loss_and_outputs
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,8 @@ def reselect_blocks(
     for name, pairs in _best_swaps(offers, int(fraction * n_full)).items():
         layer = layers[name]
         delta = layer.mftc_delta[adapter_name]
-        source = layer.swap_blocks(adapter_name, [d for d, _, _ in pairs], [g for _, g, _ in pairs])
+        source = layer.swap_blocks(adapter_name, [d for d, _, _ in pairs], [g for _, g, _ in pairs],
+                                   grown_scale=new_block_scale(tuner.peft_config[adapter_name]))
         if optimizer is not None:
             _move_optimizer_state(optimizer, delta, source)
         swaps[name] = [(d, g) for d, g, _ in pairs]

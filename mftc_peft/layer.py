@@ -153,10 +153,11 @@ class MFTCLayer(LowRankPart, BaseTunerLayer):
         if scale is not None:
             self.mftc_scale[adapter_name] = scale.to(device=device, dtype=dtype)
 
-    def swap_blocks(self, adapter_name: str, drop: Sequence[int], grow: Sequence[int]) -> torch.Tensor:
+    def swap_blocks(self, adapter_name: str, drop: Sequence[int], grow: Sequence[int], *,
+                    grown_scale: float = 1.0) -> torch.Tensor:
         """Replace selected blocks `drop` by unselected blocks `grow` of the same width, in place: the delta keeps its
         Parameter object and shape (optimisers stay valid), kept blocks keep their values, grown blocks start at 0
-        (and step scale 1). Returns, per line of the new delta, the line of the old delta it came from (-1: new), so
+        (and step scale `grown_scale`, if the adapter has scales). Returns, per line of the new delta, the line of the old delta it came from (-1: new), so
         that the caller can move the optimiser state along (`dynamic.py`)."""
         grid, ids = self.mftc_grid[adapter_name], self.block_ids(adapter_name)
         drop, grow = [int(b) for b in drop], grid.check_ids(grow, name="grow")
@@ -176,7 +177,7 @@ class MFTCLayer(LowRankPart, BaseTunerLayer):
         ]).to(torch.long)
         move_lines(self.mftc_delta[adapter_name], source, fill=0.0)
         if adapter_name in self.mftc_scale:
-            move_lines(self.mftc_scale[adapter_name], source, fill=1.0)
+            move_lines(self.mftc_scale[adapter_name], source, fill=grown_scale)
         self.mftc_idx[adapter_name].copy_(torch.tensor(new_ids, dtype=torch.int32))
         return source
 

@@ -18,6 +18,7 @@ from .checks import is_real
 from .config import MFTCConfig
 from .layer import SUPPORTED_LAYER_TYPES, Linear, MFTCLayer, quantized_weight_error
 from .low_rank import LOW_RANK_NAMES, effective_share, rank_for_share
+from .step_control import has_step_scales, new_block_scale
 
 _BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 _LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -98,9 +99,9 @@ class MFTCModel(BaseTuner):
         key = selection_key(config, current_key)
         block_ids = config.block_selection[key] if key is not None else []
         options = {"init_weights": config.init_weights, "seed": config.seed}
-        if config.step_scale != "none":
+        if has_step_scales(config):
             # Placeholders, so that a saved adapter's scales have a buffer to load into (the warm-up sets real ones).
-            options["step_scales"] = [1.0] * len(block_ids)
+            options["step_scales"] = [new_block_scale(config)] * len(block_ids)
         low_rank = {"alpha": config.low_rank_alpha, "init_weights": config.init_weights, "seed": config.seed,
                     "module_name": current_key}
         if isinstance(target, MFTCLayer):
@@ -216,10 +217,11 @@ class MFTCModel(BaseTuner):
             for name, ids in selection.items()
         }
         config = self.peft_config[adapter_name]
-        if step_scales is not None and config.step_scale == "none":
+        if step_scales is not None and not has_step_scales(config):
             raise ValueError(
-                "`step_scales` need an adapter whose config has `step_scale` set (e.g. 'energy'), so that a saved "
-                f"adapter reloads with its scales; adapter {adapter_name!r} has step_scale='none'"
+                "`step_scales` need an adapter whose config has `step_scale` set (e.g. 'energy') or `block_step_scale` "
+                f"!= 1, so that a saved adapter reloads with its scales; adapter {adapter_name!r} has "
+                f"step_scale='none' and block_step_scale={config.block_step_scale!r}"
             )
         scales = _check_step_scales(step_scales, checked)
         for name, layer in layers.items():
@@ -259,10 +261,11 @@ def mftc_tuner(peft_model) -> MFTCModel:
 
 
 def _scales_for(config, scales, name: str, ids: list[int]) -> list[float] | None:
-    """A layer's step scales: the given ones, ones when the config asks for scales but none were given, else None."""
+    """A layer's step scales: the given ones, `block_step_scale` for each block when the config asks for scales but
+    none were given, else None."""
     if scales is not None:
         return scales.get(name, [])
-    return [1.0] * len(ids) if config.step_scale != "none" else None
+    return [new_block_scale(config)] * len(ids) if has_step_scales(config) else None
 
 
 def _check_step_scales(step_scales, selection: dict[str, list[int]]) -> dict[str, list[float]] | None:

@@ -30,7 +30,7 @@ from .report import WarmupReport, build_report
 from .search import SearchSpace, build_search_space, share_levels_up_to
 from .selection import select_candidates
 from .state import adapter_name_of, preserved_state
-from .step_control import energy_step_scales
+from .step_control import selection_step_scales
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +119,7 @@ def compute_selection(
         loss_model=loss_model, grids=grids, budget=budget, target_elements=target_elements, config=run.config,
     )
     report.low_rank_elements = low_rank
-    if run.config.step_scale == "energy":
-        report.step_scales = energy_step_scales(measurement.table, selection, power=run.config.step_scale_power)
+    report.step_scales = selection_step_scales(measurement.table, selection, run.config)
     return selection, report
 
 

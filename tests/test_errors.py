@@ -166,6 +166,8 @@ def test_block_ids_accept_numpy_and_torch_integers():
 @pytest.mark.parametrize("kwargs, match", [
     ({"step_scale": "fisher"}, r"`step_scale` must be one of \('none', 'energy'\), got 'fisher'"),
     ({"step_scale_power": 0}, r"`step_scale_power` must be a positive number, got 0"),
+    ({"block_step_scale": 0.0}, r"`block_step_scale` must be a positive number, got 0.0"),
+    ({"block_step_scale": float("inf")}, r"`block_step_scale` must be a positive number, got inf"),
     ({"reselect_every": -1}, r"`reselect_every` must be a non-negative integer, got -1"),
     ({"reselect_fraction": 0}, r"`reselect_fraction` must be a number in \(0, 1\], got 0"),
     ({"reselect_batches": 0}, r"`reselect_batches` must be a positive integer, got 0"),

@@ -114,3 +114,76 @@ def test_set_block_selection_checks_the_scales_before_changing_anything():
     plain = get_peft_model(case.model(), MFTCConfig(**case.config_kwargs))
     with pytest.raises(ValueError, match=r"`step_scales` need an adapter whose config has `step_scale` set"):
         plain.base_model.set_block_selection({QUERY: [0]}, step_scales={QUERY: [0.5]})
+
+
+# ----- block_step_scale: one scale for every block, next to the low-rank part's unscaled rate -----
+
+def _uniform_model(block_step_scale: float, **overrides):
+    case = CASES_BY_NAME["bert"]
+    kwargs = case.config_kwargs | {"block_selection": {QUERY: [0, 1], VALUE: [2]}}
+    config = MFTCConfig(**kwargs, block_step_scale=block_step_scale, low_rank=2, **overrides)
+    return case, get_peft_model(case.model(), config)
+
+
+def test_a_block_step_scale_scales_the_blocks_adam_step_and_leaves_the_low_rank_part_alone():
+    moved = {}
+    for scale in (0.25, 1.0):
+        case, model = _uniform_model(scale)
+        layer = dict(model.base_model.mftc_layers())[QUERY]
+        if scale != 1.0:
+            assert torch.equal(layer.mftc_scale["default"], torch.full((2 * layer.mftc_grid["default"].width,), scale))
+        else:
+            assert len(layer.mftc_scale) == 0  # no scales asked for: no buffer
+        torch.manual_seed(0)
+        # eps far below the tiny model's gradients: the first Adam step is exactly lr * sign(gradient)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, eps=1e-30)
+        outputs(model, case.inputs()).pow(2).mean().backward()
+        optimizer.step()
+        moved[scale] = {"blocks": layer.applied_delta("default").detach().clone(),
+                        "A": layer.mftc_lora_A["default"].detach().clone()}
+    assert moved[1.0]["blocks"].abs().max() > 5e-4
+    assert torch.allclose(moved[0.25]["blocks"], 0.25 * moved[1.0]["blocks"], atol=1e-7)
+    assert torch.equal(moved[0.25]["A"], moved[1.0]["A"])  # the part's step is the optimiser's rate itself
+
+
+def test_the_warmup_multiplies_every_blocks_scale_by_the_block_step_scale():
+    _, uniform = warm_model(block_step_scale=0.3)
+    report = mftc_peft.warmup(uniform, token_batches(6), progress=False)
+    assert report.selection and set(report.step_scales) == set(report.selection)
+    assert {s for scales in report.step_scales.values() for s in scales} == {0.3}
+    for name, layer in uniform.base_model.mftc_layers():
+        if name in report.selection:
+            assert torch.allclose(layer.mftc_scale["default"], torch.tensor(0.3))
+    _, energy = warm_model(step_scale="energy")
+    _, both = warm_model(step_scale="energy", block_step_scale=0.3)
+    by_energy = mftc_peft.warmup(energy, token_batches(6), progress=False).step_scales
+    by_both = mftc_peft.warmup(both, token_batches(6), progress=False).step_scales
+    assert by_both.keys() == by_energy.keys()
+    for name in by_energy:
+        assert by_both[name] == pytest.approx([0.3 * s for s in by_energy[name]])
+
+
+def test_a_block_step_scale_survives_save_and_load_and_merges_exactly(tmp_path):
+    case, model = _uniform_model(0.5, init_weights=False)
+    model.eval()
+    inputs = case.inputs()
+    expected = outputs(model, inputs)
+    _, unscaled = _uniform_model(1.0, init_weights=False)  # the same seeded random deltas, applied at full size
+    assert not torch.allclose(outputs(unscaled.eval(), inputs), expected, atol=1e-4)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(case.model(), tmp_path).eval()
+    assert reloaded.peft_config["default"].block_step_scale == 0.5
+    assert torch.allclose(outputs(reloaded, inputs), expected, atol=1e-6)
+    reloaded.base_model.merge_adapter()
+    assert torch.allclose(outputs(reloaded, inputs), expected, atol=1e-5)
+
+
+def test_blocks_grown_by_a_reselection_take_the_block_step_scale():
+    case = CASES_BY_NAME["bert"]
+    config = MFTCConfig(**case.config_kwargs, block_step_scale=0.5, reselect_every=1)
+    model = get_peft_model(case.model(), config)
+    model.base_model.set_block_selection({QUERY: [0, 1, 2]})
+    report = mftc_peft.reselect_blocks(model, token_batches(2), fraction=1.0)
+    assert report.n_swapped > 0
+    layer = dict(model.base_model.mftc_layers())[QUERY]
+    assert torch.equal(layer.mftc_scale["default"], torch.full_like(layer.mftc_scale["default"], 0.5))
