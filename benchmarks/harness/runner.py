@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import traceback
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from mftc_peft.training import iterate_batches, train_steps
 
 from .measures import adapter_bytes, device_name, peak_memory, selection_summary, trainable_counts, versions
-from .methods import LORA_R, Context, Skip, build
+from .methods import LORA_R, Built, Context, Skip, build
 from .profiles import PROFILES
 from .tasks import make_task, trim_padding
 
@@ -45,9 +46,22 @@ def run_one(spec: dict) -> dict:
                          "traceback": traceback.format_exc(limit=8)}
 
 
-def _run(spec: dict, task, device: torch.device) -> dict:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+@dataclass
+class Trained:
+    """A method built, warmed up and trained as `run_one` does it, before any evaluation."""
+
+    built: Built
+    splits: object
+    steps: int
+    lr_warmup_steps: int
+    result: object  # mftc_peft.training's TrainResult: seconds, losses
+
+
+def train(spec: dict, task, device: torch.device) -> Trained:
+    """Build `spec`'s method on a fresh base model, warm it up if it needs to, and train it: the one training loop
+    every method runs (AdamW, weight decay 0, linear decay to 0 after the ramp the spec asks for, the method's hooks,
+    such as AdaLoRA's rank allocation or MFTC's spectral coordination, inside it). Diagnostics that look at a trained
+    adapter (`benchmarks/hybrid_ablation.py`) start from here."""
     seed, bs = spec["seed"], task.settings.batch_size
     splits = task.splits()
     steps = task.steps()
@@ -59,16 +73,22 @@ def _run(spec: dict, task, device: torch.device) -> dict:
                                                                  epochs=None)),
     )
     built = build(spec["method"], task.load_model(seed), ctx)
-    total, no_head = trainable_counts(built.model, task.is_head)
     torch.manual_seed(seed)  # dropout masks: the same stream for every method of a seed
     train_batches = map(trim_padding, iterate_batches(splits.train, bs, seed=seed, epochs=None))
-    # The one training loop every method runs: AdamW (weight decay 0), linear decay to 0 (after a ramp where the spec
-    # asks for one), batches moved to the device; the method's hooks (AdaLoRA's rank allocation, MFTC's spectral
-    # coordination) inside it.
     built.model.train()
     ramp = lr_warmup_steps(spec, steps)
     result = train_steps(built.model, train_batches, lr=spec["lr"], steps=steps, schedule="linear",
                          lr_warmup_steps=ramp, hooks=built.hooks, device=device)
+    return Trained(built, splits, steps, ramp, result)
+
+
+def _run(spec: dict, task, device: torch.device) -> dict:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    trained = train(spec, task, device)
+    built, splits, steps, ramp, result = (trained.built, trained.splits, trained.steps, trained.lr_warmup_steps,
+                                          trained.result)
+    total, no_head = trainable_counts(built.model, task.is_head)
     split = "val" if spec["phase"] == "sweep" else "test"
     start = time.perf_counter()
     metrics = task.evaluate(built.model, getattr(splits, split), device)
