@@ -239,13 +239,18 @@ def lab_config(name: str, warmup_steps: int | None = None) -> dict:
     return overrides if method == "lora" else base | overrides
 
 
-def specs(args, lora_budget: int) -> list[dict]:
+def run_spec(args, name: str, lr: float, seed: int, lora_budget: int) -> dict:
+    """One lab run of variant `name` (`args`: profile, task, budget_multiple), as `run.execute` takes it."""
     base = {"profile": args.profile, "task": args.task, "device": "cpu", "phase": "sweep", "lr_swept": False,
             "lora_budget": lora_budget, "match_budget": lora_budget, "budget_source": "lora",
             "budget_multiple": args.budget_multiple, "lora_rank": rank_for(args.budget_multiple)}
     warmup = LAB_WARMUP_STEPS.get((args.profile, args.task))
-    return [base | RUN_OVERRIDES.get(name, {}) | {"variant": name, "method": VARIANTS[name][0], "seed": seed, "lr": lr,
+    return base | RUN_OVERRIDES.get(name, {}) | {"variant": name, "method": VARIANTS[name][0], "seed": seed, "lr": lr,
                                                  "mftc_config": lab_config(name, warmup)}
+
+
+def specs(args, lora_budget: int) -> list[dict]:
+    return [run_spec(args, name, lr, seed, lora_budget)
             for seed in range(args.seeds) for name in args.variants.split(",") for lr in bracket(args, name)]
 
 

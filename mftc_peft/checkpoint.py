@@ -86,6 +86,23 @@ def check_saved_layer(
     return ids
 
 
+def check_saved_scales(state_dict, prefix: str, adapter_name: str, ids: Optional[list[int]], *,
+                       config_scaled: bool) -> None:
+    """Saved blocks carry step scales exactly when the adapter's config asks for them (`step_scale` != 'none' or
+    `block_step_scale` != 1): otherwise the loaded adapter would apply other updates than the trained one."""
+    key = _factor_key(state_dict, prefix, "scale", adapter_name)
+    if not ids or (key is not None) == config_scaled:
+        return
+    if config_scaled:
+        missing = saved_key(prefix, "scale", adapter_name)
+        raise ValueError(f"checkpoint has no {missing}, but the adapter's config asks for step scales (`step_scale` "
+                         "!= 'none' or `block_step_scale` != 1): the config and the saved tensors disagree; restore "
+                         "the config the adapter was saved with")
+    raise ValueError(f"checkpoint {key} holds step scales, but the adapter's config asks for none (step_scale='none', "
+                     "block_step_scale=1): the config and the saved tensors disagree; restore the config the adapter "
+                     "was saved with")
+
+
 def _saved_ids(key: str, ids, grid: BlockGrid) -> Optional[list[int]]:
     if ids is None:
         return None

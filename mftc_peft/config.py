@@ -241,7 +241,8 @@ class MFTCConfig(PeftConfig):
         default=1.0,
         metadata={
             "help": "> 0: every block's delta is this times its trained values (times its 'energy' scale, if any), so "
-            "under Adam the blocks step by this times the rate while a low-rank part takes the rate itself; 1: off."
+            "under Adam the blocks step by this times the rate while a low-rank part takes the rate itself (blocks "
+            "given by hand, grown by a reselection or trained by the search's probes take it too); 1: off."
         },
     )
     # ----- training: dynamic selection (off by default) -----

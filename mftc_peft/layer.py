@@ -23,7 +23,8 @@ from transformers.pytorch_utils import Conv1D
 from ._compat import freeze_empty, move_keeping_integers
 from .blocks import BlockGrid, move_lines
 from .checkpoint import (
-    PARTS, check_saved_layer, check_saved_low_rank, geometry_is_optional, grid_geometry, saved_key,
+    PARTS, check_saved_layer, check_saved_low_rank, check_saved_scales, geometry_is_optional, grid_geometry,
+    saved_key,
 )
 from .low_rank import LOW_RANK_NAMES, LowRankPart, keep_entries
 
@@ -157,8 +158,8 @@ class MFTCLayer(LowRankPart, BaseTunerLayer):
                     grown_scale: float = 1.0) -> torch.Tensor:
         """Replace selected blocks `drop` by unselected blocks `grow` of the same width, in place: the delta keeps its
         Parameter object and shape (optimisers stay valid), kept blocks keep their values, grown blocks start at 0
-        (and step scale `grown_scale`, if the adapter has scales). Returns, per line of the new delta, the line of the old delta it came from (-1: new), so
-        that the caller can move the optimiser state along (`dynamic.py`)."""
+        (with step scale `grown_scale`, if the adapter has scales). Returns, per line of the new delta, the line of the
+        old delta it came from (-1: new), so that the caller can move the optimiser state along (`dynamic.py`)."""
         grid, ids = self.mftc_grid[adapter_name], self.block_ids(adapter_name)
         drop, grow = [int(b) for b in drop], grid.check_ids(grow, name="grow")
         if len(drop) != len(grow) or not set(drop) <= set(ids) or set(grow) & set(ids):
@@ -387,21 +388,23 @@ class Linear(nn.Module, MFTCLayer):
             ids = check_saved_layer(prefix, adapter_name, self.mftc_grid[adapter_name], tensors,
                                     config_ids=self.block_ids(adapter_name) if listed else None)
             check_saved_low_rank(state_dict, prefix, adapter_name, self._low_rank_shapes(adapter_name))
+            scaled = adapter_name in self.mftc_scale  # injection made a scale buffer iff the config asks for scales
+            check_saved_scales(state_dict, prefix, adapter_name, ids, config_scaled=scaled)
             if ids is not None and ids != self.block_ids(adapter_name):
-                self._resize_to_checkpoint(adapter_name, ids)
+                self._resize_to_checkpoint(adapter_name, ids, scaled=scaled)  # the scales' values load next
             scale = tensors["scale"]
-            if scale is not None and (adapter_name not in self.mftc_scale or
-                                      self.mftc_scale[adapter_name].shape != scale.shape):
-                delta = self.mftc_delta[adapter_name]
+            if scale is not None and (not scaled or self.mftc_scale[adapter_name].shape != scale.shape):
+                delta = self.mftc_delta[adapter_name]  # a layer saved with no blocks: an empty buffer to load into
                 self.mftc_scale[adapter_name] = torch.ones(scale.shape, device=delta.device, dtype=delta.dtype)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
-    def _resize_to_checkpoint(self, adapter_name: str, ids: list[int]) -> None:
-        """Re-create the adapter's delta for the checkpoint's (checked) blocks, keeping its dtype and trainability."""
+    def _resize_to_checkpoint(self, adapter_name: str, ids: list[int], *, scaled: bool) -> None:
+        """Re-create the adapter's delta (and step scales, if `scaled`) for the checkpoint's (checked) blocks, keeping
+        its dtype and trainability."""
         grid = self.mftc_grid[adapter_name]
         old = self.mftc_delta[adapter_name]
         wanted = old.requires_grad if old.numel() else self._mftc_wants_grad.get(adapter_name, False)
-        self.update_layer(adapter_name, grid, ids)  # keeps the old delta's dtype
+        self.update_layer(adapter_name, grid, ids, step_scales=[1.0] * len(ids) if scaled else None)
         self._mftc_wants_grad[adapter_name] = wanted  # update_layer re-activates; the intent stays what it was
         new = self.mftc_delta[adapter_name]
         new.requires_grad_(wanted and new.numel() > 0)

@@ -100,7 +100,8 @@ class MFTCModel(BaseTuner):
         block_ids = config.block_selection[key] if key is not None else []
         options = {"init_weights": config.init_weights, "seed": config.seed}
         if has_step_scales(config):
-            # Placeholders, so that a saved adapter's scales have a buffer to load into (the warm-up sets real ones).
+            # `block_step_scale` for listed blocks; a buffer for a saved adapter's scales to load into, and the warm-up
+            # sets measured ones.
             options["step_scales"] = [new_block_scale(config)] * len(block_ids)
         low_rank = {"alpha": config.low_rank_alpha, "init_weights": config.init_weights, "seed": config.seed,
                     "module_name": current_key}
@@ -262,7 +263,8 @@ def mftc_tuner(peft_model) -> MFTCModel:
 
 def _scales_for(config, scales, name: str, ids: list[int]) -> list[float] | None:
     """A layer's step scales: the given ones, `block_step_scale` for each block when the config asks for scales but
-    none were given, else None."""
+    none were given (blocks set by hand, and those the module search's "finetune" / "regression" probes train, which
+    so take the step training will give them), else None."""
     if scales is not None:
         return scales.get(name, [])
     return [new_block_scale(config)] * len(ids) if has_step_scales(config) else None

@@ -42,8 +42,8 @@ class WarmupReport:
     timings : seconds per stage ('signatures', 'dsca', 'probe', 'search', 'inject', 'total').
     selected_blocks : one record per selected block: module, block, layer (-1 if unknown), size, DSCA label.
     config : the MFTC config fields the warm-up ran with.
-    step_scales : per selected module, the step scale of each block (in `selection` order); None without
-        `step_scale` (`step_control.py`).
+    step_scales : per selected module, the step scale of each block (in `selection` order); None when the config
+        asks for none (`step_scale="none"` and `block_step_scale=1`; `step_control.py`).
     """
 
     selection: dict[str, list[int]]

@@ -35,15 +35,23 @@ def test_removing_a_half_changes_the_output_and_restores_it_bit_for_bit():
         assert torch.allclose(outputs(model, inputs), outputs(case.model().eval(), inputs), atol=1e-5)
 
 
-def test_the_halves_split_the_adapters_update_and_their_movements_are_measured():
+def test_the_halves_are_the_blocks_applied_lines_and_the_scaled_product_of_the_factors():
     _, model = _hybrid()
     for _, layer in bench.mftc_layers(model):
         blocks, part = bench.halves(layer)
-        assert torch.allclose(part + (0 if blocks is None else blocks), layer.get_delta_weight("default"))
-        if blocks is not None:  # the blocks' update lies on their own lines only
-            assert torch.equal(bench.as_lines(layer, blocks).norm(), blocks.norm())
+        a, b = layer.mftc_lora_A["default"], layer.mftc_lora_B["default"]
+        assert torch.allclose(part, layer.mftc_low_rank_scaling["default"] * b @ a)  # nn.Linear: (out, in)
+        grid, ids = layer.mftc_grid["default"], layer.block_ids("default")
+        expected = torch.zeros_like(part)
+        if ids:
+            grid.lines(expected, fan_in_fan_out=False)[grid.feature_index(ids)] = layer.applied_delta("default")
+            assert torch.allclose(blocks, expected, atol=1e-6)
+            assert torch.allclose(bench.as_lines(layer, blocks), layer.applied_delta("default"), atol=1e-6)
+        else:
+            assert blocks is None
     moved = bench.movement(model)
-    assert moved["weights_with_blocks"] == 6  # the tiny case's selection: five keys, "intermediate.dense" in both layers
+    selected = sum(1 for _, layer in bench.mftc_layers(model) if layer.block_ids("default"))
+    assert moved["weights_with_blocks"] == selected > 0
     assert moved["blocks_rel_median"] > 0 and moved["part_rel_median"] > 0
     assert -1.0 <= moved["cos_blocks_part_median"] <= 1.0
 
@@ -53,5 +61,5 @@ def test_a_run_records_every_score_and_the_table(tmp_path):
     (record,) = [json.loads(line) for line in (tmp_path / "hybrid_ablation.jsonl").read_text().splitlines()]
     assert {"full_accuracy", "no_blocks_accuracy", "no_part_accuracy", "full_loss", "no_part_loss"} <= set(record)
     assert record["full_loss"] != record["no_part_loss"] and record["weights_with_blocks"] > 0
-    assert f"| cls | hybrid_warmup_4 | 0.002 | 0 | {record['full_accuracy']:.4f} |" in (
+    assert f"| smoke | cls | 1x | hybrid_warmup_4 | 0.002 | 0 | {record['full_accuracy']:.4f} |" in (
         tmp_path / "hybrid_ablation.md").read_text()

@@ -3,6 +3,8 @@ them, and save / load / merge with them."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -140,10 +142,12 @@ def test_a_block_step_scale_scales_the_blocks_adam_step_and_leaves_the_low_rank_
         outputs(model, case.inputs()).pow(2).mean().backward()
         optimizer.step()
         moved[scale] = {"blocks": layer.applied_delta("default").detach().clone(),
-                        "A": layer.mftc_lora_A["default"].detach().clone()}
+                        "B": layer.mftc_lora_B["default"].detach().clone()}
     assert moved[1.0]["blocks"].abs().max() > 5e-4
     assert torch.allclose(moved[0.25]["blocks"], 0.25 * moved[1.0]["blocks"], atol=1e-7)
-    assert torch.equal(moved[0.25]["A"], moved[1.0]["A"])  # the part's step is the optimiser's rate itself
+    # B starts at 0 and gets the same gradient in both (zero block deltas): its step is the optimiser's rate itself
+    assert moved[1.0]["B"].abs().max() > 5e-4
+    assert torch.equal(moved[0.25]["B"], moved[1.0]["B"])
 
 
 def test_the_warmup_multiplies_every_blocks_scale_by_the_block_step_scale():
@@ -163,19 +167,51 @@ def test_the_warmup_multiplies_every_blocks_scale_by_the_block_step_scale():
         assert by_both[name] == pytest.approx([0.3 * s for s in by_energy[name]])
 
 
-def test_a_block_step_scale_survives_save_and_load_and_merges_exactly(tmp_path):
-    case, model = _uniform_model(0.5, init_weights=False)
-    model.eval()
-    inputs = case.inputs()
-    expected = outputs(model, inputs)
-    _, unscaled = _uniform_model(1.0, init_weights=False)  # the same seeded random deltas, applied at full size
-    assert not torch.allclose(outputs(unscaled.eval(), inputs), expected, atol=1e-4)
+def _warmed_uniform_model(block_step_scale: float):
+    """A warmed-up hybrid with `block_step_scale` and random (non-zero) block deltas and B: its config lists the
+    warm-up's selection, which the test removes when it wants the checkpoint's selection to be the one loaded."""
+    _, model = warm_model(block_step_scale=block_step_scale, low_rank=1)
+    mftc_peft.warmup(model, token_batches(6), progress=False)
+    with torch.no_grad():
+        for _, layer in model.base_model.mftc_layers():
+            for container in (layer.mftc_delta, layer.mftc_lora_B):
+                container["default"].normal_(0.0, 0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("listed", [True, False])
+def test_a_block_step_scale_survives_save_and_load_and_merges_exactly(tmp_path, listed):
+    model = _warmed_uniform_model(0.5)
+    inputs = token_batches(1)[0]["input_ids"]
+    expected = model(input_ids=inputs).logits
+    name, layer = next((n, layer) for n, layer in model.base_model.mftc_layers() if layer.block_ids("default"))
+    saved_scales = layer.mftc_scale["default"].clone()
+    with torch.no_grad():
+        layer.mftc_scale["default"].fill_(1.0)
+        assert not torch.allclose(model(input_ids=inputs).logits, expected, atol=1e-4)  # the scales matter
+        layer.mftc_scale["default"].copy_(saved_scales)
+    if not listed:
+        model.peft_config["default"].block_selection = {}  # the reload takes the checkpoint's blocks
     model.save_pretrained(tmp_path)
+    case, _ = warm_model()
     reloaded = PeftModel.from_pretrained(case.model(), tmp_path).eval()
     assert reloaded.peft_config["default"].block_step_scale == 0.5
-    assert torch.allclose(outputs(reloaded, inputs), expected, atol=1e-6)
+    assert torch.equal(dict(reloaded.base_model.mftc_layers())[name].mftc_scale["default"], saved_scales)
+    assert torch.allclose(reloaded(input_ids=inputs).logits, expected, atol=1e-6)
     reloaded.base_model.merge_adapter()
-    assert torch.allclose(outputs(reloaded, inputs), expected, atol=1e-5)
+    assert torch.allclose(reloaded(input_ids=inputs).logits, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("saved, loaded", [(0.5, 1.0), (1.0, 0.5)])
+def test_a_checkpoint_and_a_config_that_disagree_on_step_scales_are_refused(tmp_path, saved, loaded):
+    model = _warmed_uniform_model(saved)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["block_step_scale"] = loaded
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    case, _ = warm_model()
+    with pytest.raises(ValueError, match=r"mftc_scale.*the config and the saved tensors disagree"):
+        PeftModel.from_pretrained(case.model(), tmp_path)
 
 
 def test_blocks_grown_by_a_reselection_take_the_block_step_scale():

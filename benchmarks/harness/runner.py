@@ -13,12 +13,12 @@ from datetime import datetime, timezone
 
 import torch
 
-from mftc_peft.training import iterate_batches, train_steps
+from mftc_peft.training import TrainLog, iterate_batches, train_steps
 
 from .measures import adapter_bytes, device_name, peak_memory, selection_summary, trainable_counts, versions
 from .methods import LORA_R, Built, Context, Skip, build
 from .profiles import PROFILES
-from .tasks import make_task, trim_padding
+from .tasks import Splits, make_task, trim_padding
 
 WARMUP_SEED_OFFSET = 10_000  # warm-up batches: their own seeded stream, the same for MFTC and every ablation
 
@@ -51,10 +51,11 @@ class Trained:
     """A method built, warmed up and trained as `run_one` does it, before any evaluation."""
 
     built: Built
-    splits: object
+    splits: Splits
     steps: int
     lr_warmup_steps: int
-    result: object  # mftc_peft.training's TrainResult: seconds, losses
+    trainable: tuple[int, int]  # (all, outside the head), counted before training
+    result: TrainLog
 
 
 def train(spec: dict, task, device: torch.device) -> Trained:
@@ -73,22 +74,22 @@ def train(spec: dict, task, device: torch.device) -> Trained:
                                                                  epochs=None)),
     )
     built = build(spec["method"], task.load_model(seed), ctx)
+    trainable = trainable_counts(built.model, task.is_head)
     torch.manual_seed(seed)  # dropout masks: the same stream for every method of a seed
     train_batches = map(trim_padding, iterate_batches(splits.train, bs, seed=seed, epochs=None))
     built.model.train()
     ramp = lr_warmup_steps(spec, steps)
     result = train_steps(built.model, train_batches, lr=spec["lr"], steps=steps, schedule="linear",
                          lr_warmup_steps=ramp, hooks=built.hooks, device=device)
-    return Trained(built, splits, steps, ramp, result)
+    return Trained(built, splits, steps, ramp, trainable, result)
 
 
 def _run(spec: dict, task, device: torch.device) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     trained = train(spec, task, device)
-    built, splits, steps, ramp, result = (trained.built, trained.splits, trained.steps, trained.lr_warmup_steps,
-                                          trained.result)
-    total, no_head = trainable_counts(built.model, task.is_head)
+    built, splits, result = trained.built, trained.splits, trained.result
+    total, no_head = trained.trainable
     split = "val" if spec["phase"] == "sweep" else "test"
     start = time.perf_counter()
     metrics = task.evaluate(built.model, getattr(splits, split), device)
@@ -97,7 +98,7 @@ def _run(spec: dict, task, device: torch.device) -> dict:
     finalize = info.pop("finalize", None)
     size, size_kind = adapter_bytes(built.model, is_peft=built.is_peft)
     return {
-        "status": "ok", "steps": steps, "lr_warmup_steps": ramp, "eval_split": split,
+        "status": "ok", "steps": trained.steps, "lr_warmup_steps": trained.lr_warmup_steps, "eval_split": split,
         "n_train": len(splits.train["input_ids"]),
         "n_eval": len(getattr(splits, split)["input_ids"]),
         **{f"{split}_{k}": v for k, v in metrics.items()},
